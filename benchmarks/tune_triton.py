@@ -1,0 +1,96 @@
+"""Sweeps launch configurations of the Triton forward kernel on one GPU.
+
+Each (M, N, dtype) of the sweep is checked against the float64 oracle and
+timed with CUPTI beside XLA's fused reference and XLA's copy, in the same run.
+The best configurations feed `triton_config.get_config` by hand.
+
+  python -m benchmarks.tune_triton --out /tmp/tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import sys
+
+import jax
+
+from benchmarks import common
+from jax_rmsnorm._src import reference
+from jax_rmsnorm._src import triton_config
+from jax_rmsnorm._src import triton_forward
+
+SWEEP = (
+    (32768, 4096, "bfloat16"), (16384, 8192, "bfloat16"),
+    (32768, 3072, "bfloat16"), (65536, 896, "bfloat16"),
+    (4096, 14336, "bfloat16"), (8192, 5120, "bfloat16"),
+    (4096, 2048, "bfloat16"), (256, 4096, "bfloat16"),
+    (16, 4096, "bfloat16"), (1, 8192, "bfloat16"),
+    (32768, 4096, "float32"), (65536, 896, "float32"),
+    (4096, 14336, "float32"), (8192, 5120, "float32"),
+    (16, 4096, "float32"), (1024, 65536, "bfloat16"),
+    (512, 65536, "float32"),
+)
+
+
+def candidates(n: int):
+  cols = triton_config.next_power_of_2(n)
+  if cols > triton_config.MAX_ONE_PASS_COLS:
+    for chunk, warps, stages in itertools.product(
+        (1024, 2048, 4096, 8192), (4, 8, 16), (1, 2, 3)):
+      yield triton_config.Config(1, chunk, warps, stages)
+    return
+  for rows, warps in itertools.product((1, 2, 4, 8, 16, 32), (2, 4, 8, 16, 32)):
+    if rows * cols <= 32768 and rows * cols >= 32 * warps:
+      yield triton_config.Config(rows, cols, warps, 1)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--out", default="tune.json")
+  parser.add_argument("--iterations", type=int, default=20)
+  args = parser.parse_args(argv)
+  results = []
+  for m, n, dtype in SWEEP:
+    x, scale = common.make_inputs(m, n, dtype)
+    ref64 = common.oracle(x, scale)
+    xla = jax.jit(functools.partial(reference.rms_norm_reference,
+                                    epsilon=1e-6))
+    row = dict(m=m, n=n, dtype=dtype,
+               copy_us=common.median_us(jax.jit(lambda a: a * 2), x),
+               xla_us=common.median_us(xla, x, scale),
+               default=str(triton_config.get_config(m, n, dtype)),
+               configs=[])
+    for cfg in candidates(n):
+      fn = jax.jit(functools.partial(
+          triton_forward.rms_norm_triton, epsilon=1e-6, scale_offset=0.0,
+          config=cfg))
+      try:
+        err = common.max_rel_error(fn(x, scale), ref64)
+        us = common.median_us(fn, x, scale, iterations=args.iterations)
+      except Exception as e:  # pylint: disable=broad-except
+        row["configs"].append(dict(config=str(cfg), error=repr(e)[:300]))
+        continue
+      row["configs"].append(dict(
+          config=str(cfg), us=us, max_rel_err=err, block_rows=cfg.block_rows,
+          block_cols=cfg.block_cols, num_warps=cfg.num_warps,
+          num_stages=cfg.num_stages))
+    ok = [c for c in row["configs"] if "us" in c]
+    ok.sort(key=lambda c: c["us"])
+    best = ok[0] if ok else None
+    print(f"{dtype:9s} {m:6d}x{n:<6d} copy {row['copy_us']:8.1f} xla "
+          f"{row['xla_us']:8.1f} best {best and best['us']:8.1f} "
+          f"{best and best['config']} err {best and best['max_rel_err']:.2e}"
+          f" | top: {[ (c['block_rows'], c['num_warps'], c['block_cols'], c['num_stages'], round(c['us'],1)) for c in ok[:5]]}",
+          flush=True)
+    results.append(row)
+    with open(args.out, "w") as f:
+      json.dump(dict(card=common.card_name(), jax=jax.__version__,
+                     results=results), f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,83 @@
+"""Launch configuration of the Pallas-Triton kernels and its one heuristic."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+# Rows longer than this (after padding to a power of two) are not held in
+# registers in one piece; the kernel loops over them in chunks (two passes).
+MAX_ONE_PASS_COLS = 16384
+# Beyond this the reference is used: a single row of 1M+ elements is not an
+# RMSNorm workload, and the chunked kernel is untested there.
+MAX_COLS = 1 << 20
+# Triton computes element offsets in int32.
+MAX_ELEMENTS = (1 << 31) - 1
+
+
+def next_power_of_2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """How one pallas_call is launched.
+
+  Attributes:
+    block_rows: rows handled by one program (a power of two).
+    block_cols: columns loaded at once (a power of two). When it is at least
+      the row length the row is normalized in one pass over HBM; otherwise the
+      kernel loops over the row in chunks of this width (two passes).
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining depth (matters for chunk loops).
+  """
+  block_rows: int
+  block_cols: int
+  num_warps: int
+  num_stages: int = 1
+
+  def __post_init__(self):
+    for field in ("block_rows", "block_cols", "num_warps"):
+      value = getattr(self, field)
+      if value < 1 or value & (value - 1):
+        raise ValueError(f"Config.{field} must be a power of two, got {value}")
+
+  def num_chunks(self, n: int) -> int:
+    return -(-n // self.block_cols)
+
+
+# Warps per program by the bytes a program loads (rounded to the nearest power
+# of two), tuned on an H100 (benchmarks/results/tune_triton_h100.json, made by
+# `python -m benchmarks.tune_triton`). One row per program won everywhere;
+# about 32 bytes per thread (two 16-byte loads) is best up to 16 KiB. The
+# widest float32 rows (64 KiB) run best on fewer, fatter threads: two programs
+# then share an SM's registers.
+_WARPS_BY_ROW_BYTES = ((1024, 1), (2048, 2), (4096, 4), (8192, 8),
+                       (16384, 16), (32768, 16), (65536, 8))
+# Chunk width of the two-pass kernel for rows past MAX_ONE_PASS_COLS.
+_CHUNK_COLS_BY_ITEMSIZE = {2: 8192, 4: 2048}
+
+
+def get_config(rows: int, n: int, dtype, device_kind: str | None = None
+               ) -> Config:
+  """Picks the launch configuration for an (rows, n) RMSNorm.
+
+  Pure function of its arguments. The per-row arithmetic (and so the
+  reduction order) depends only on `n` and `dtype`, never on `rows`: a row's
+  result does not change with the batch size (batch invariance). `rows` and
+  `device_kind` are part of the signature so that callers need not change when
+  a GPU other than the H100 gets its own table; neither is used today.
+  """
+  del rows, device_kind
+  itemsize = np.dtype(dtype).itemsize
+  cols = next_power_of_2(n)
+  if cols > MAX_ONE_PASS_COLS:
+    return Config(block_rows=1, block_cols=_CHUNK_COLS_BY_ITEMSIZE[itemsize],
+                  num_warps=16, num_stages=3)
+  # Short rows: several rows per program, so that a program moves >= 1 KiB.
+  block_rows = max(1, 1024 // (cols * itemsize))
+  load_bytes = 1 << round(math.log2(block_rows * n * itemsize))
+  num_warps = next(w for limit, w in _WARPS_BY_ROW_BYTES if load_bytes <= limit)
+  return Config(block_rows=block_rows, block_cols=cols, num_warps=num_warps)

@@ -1,0 +1,102 @@
+"""Argument checks for the public API: static shapes, dtypes and options.
+
+Everything here runs at trace time, before anything is lowered, so bad input
+fails with a ValueError/TypeError naming the argument instead of a compiler
+traceback. No math lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16),
+                    jnp.dtype(jnp.float32))
+IMPLEMENTATIONS = ("triton", "xla")
+KERNEL_IMPLEMENTATIONS = ("triton",)
+
+
+def _as_float_array(name: str, value) -> jax.Array:
+  """`value` as a jax.Array of a supported dtype, checked before conversion
+  (jnp.asarray would silently turn float64 into float32)."""
+  if not isinstance(value, (jax.Array, np.ndarray)):
+    raise TypeError(f"{name} must be a jax.Array or numpy.ndarray, got "
+                    f"{type(value).__name__} ({value!r:.80})")
+  chex.assert_type(value, float, exception_type=TypeError,
+                   custom_message=f"{name} must be a floating-point array")
+  if value.dtype not in SUPPORTED_DTYPES:
+    raise TypeError(
+        f"{name}.dtype={value.dtype} is not supported; use one of "
+        f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+  return jnp.asarray(value)
+
+
+def static_float(name: str, value, *, positive: bool) -> float:
+  """Returns `value` as a Python float, or raises naming `name`."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} must be a static Python float, got a traced "
+                    f"value {value}; pass a Python number")
+  if isinstance(value, (bool, np.bool_)) or (
+      np.ndim(value) != 0 or not np.issubdtype(np.asarray(value).dtype,
+                                               np.number)):
+    raise TypeError(f"{name} must be a real Python number, got {value!r}")
+  result = float(value)
+  if not math.isfinite(result) or (positive and result <= 0.0):
+    raise ValueError(f"{name} must be finite{' and > 0' if positive else ''},"
+                     f" got {name}={value!r}")
+  return result
+
+
+def check_rms_norm_args(x, scale, epsilon, scale_offset):
+  """Validates the arguments of `rms_norm`; returns them canonicalized."""
+  x = _as_float_array("x", x)
+  if x.ndim < 1:
+    raise ValueError(f"x must have at least one axis, got {x.shape=}")
+  n = x.shape[-1]
+  if n == 0:
+    raise ValueError(f"the last axis of x must be non-empty, got {x.shape=}")
+  if scale is not None:
+    scale = _as_float_array("scale", scale)
+    chex.assert_shape(
+        scale, (n,), exception_type=ValueError,
+        custom_message=f"scale must have shape ({n},) to match {x.shape=}, "
+        f"got {scale.shape=}")
+  epsilon = static_float("epsilon", epsilon, positive=True)
+  scale_offset = static_float("scale_offset", scale_offset, positive=False)
+  if scale is None and scale_offset != 0.0:
+    raise ValueError(f"{scale_offset=} needs a scale; with scale=None there "
+                     "is no scaling")
+  return x, scale, epsilon, scale_offset
+
+
+def canonicalize_implementation(implementation, interpret: bool
+                                ) -> tuple[tuple[str, ...], bool]:
+  """Returns (names to try in order, whether falling back is allowed)."""
+  if not isinstance(interpret, (bool, np.bool_)):
+    raise TypeError(f"interpret must be a bool, got {interpret=}")
+  if implementation is None:
+    names, fallback = (("triton",), False) if interpret else (
+        ("triton", "xla"), True)
+  elif isinstance(implementation, str):
+    names, fallback = (implementation,), False
+  elif isinstance(implementation, Sequence):
+    names, fallback = tuple(implementation), True
+    if not names:
+      raise ValueError(f"{implementation=} is empty; name at least one of "
+                       f"{IMPLEMENTATIONS}")
+  else:
+    raise TypeError(f"implementation must be None, a string or a sequence of "
+                    f"strings, got {implementation=}")
+  for name in names:
+    if name not in IMPLEMENTATIONS:
+      raise ValueError(f"unknown implementation {name!r} in {implementation=};"
+                       f" choose from {IMPLEMENTATIONS}")
+  if interpret and not any(n in KERNEL_IMPLEMENTATIONS for n in names):
+    raise ValueError(f"interpret=True runs a Pallas kernel, but "
+                     f"{implementation=} names none of {KERNEL_IMPLEMENTATIONS}")
+  return names, fallback

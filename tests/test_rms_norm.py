@@ -1,0 +1,178 @@
+"""One test body for every implementation: numerics, transforms, dispatch."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_rmsnorm
+from jax_rmsnorm._src import shapes
+from jax_rmsnorm._src import triton_config
+from jax_rmsnorm._src import triton_forward
+from tests.conftest import (IMPLEMENTATIONS, ON_GPU, assert_close, oracle,
+                            random_inputs, requires_gpu)
+
+DTYPES = ["float32", "bfloat16", "float16"]
+# Odd shapes: one column, prime widths, non-powers of two, no leading axis,
+# several leading axes, rows past the one-pass limit (chunked kernel).
+SHAPES = [(1, 1), (7,), (5, 7), (3, 896), (13, 5120), (2, 3, 1536),
+          (4, 4096), (2, 14336), (2, 16411)]
+
+
+def _norm(impl, **kwargs):
+  name, interpret = impl
+  return jax.jit(functools.partial(jax_rmsnorm.rms_norm, implementation=name,
+                                   interpret=interpret, **kwargs))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64_oracle(impl, dtype, shape):
+  x, scale = random_inputs(zlib.crc32(repr((shape, dtype)).encode()), shape,
+                            dtype)
+  y = _norm(impl)(x, scale)
+  assert y.dtype == x.dtype and y.shape == x.shape
+  assert_close(y, oracle(x, scale), dtype, shape[-1])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_options(impl, dtype):
+  """No scale; a scale of another dtype; Gemma's offset; another epsilon."""
+  x, scale32 = random_inputs(1, (6, 1000), dtype, "float32")
+  n = x.shape[-1]
+  assert_close(_norm(impl)(x, None), oracle(x), dtype, n)
+  assert_close(_norm(impl)(x, scale32), oracle(x, scale32), dtype, n)
+  y = _norm(impl, scale_offset=1.0, epsilon=1e-2)(x, scale32 - 1.0)
+  assert_close(y, oracle(x, scale32 - 1.0, 1e-2, 1.0), dtype, n)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_large_and_tiny_magnitudes(impl):
+  """float16 near its maximum must not overflow: squares are float32."""
+  x, _ = random_inputs(2, (4, 640), "float32")
+  for mag in (6e4, 1e-3):
+    xs = (x * mag / jnp.abs(x).max()).astype("float16")
+    assert_close(_norm(impl)(xs, None), oracle(xs), "float16", 640)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_zero_rows_give_empty_result(impl):
+  x = jnp.zeros((0, 3, 128), jnp.bfloat16)
+  y = _norm(impl)(x, jnp.ones((128,), jnp.bfloat16))
+  assert y.shape == x.shape and y.dtype == x.dtype
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_vmap_and_eval_shape(impl):
+  x, scale = random_inputs(3, (3, 5, 896), "bfloat16")
+  fn = functools.partial(jax_rmsnorm.rms_norm, implementation=impl[0],
+                         interpret=impl[1])
+  y = jax.jit(jax.vmap(fn, in_axes=(0, None)))(x, scale)
+  assert_close(y, oracle(x, scale), "bfloat16", 896)
+  # vmap over the scale too: one scale per batch entry.
+  scales = jnp.stack([scale, scale * 2, scale * 3])
+  y = jax.jit(jax.vmap(fn))(x, scales)
+  assert_close(y, oracle(x, scales[:, None, :]), "bfloat16", 896)
+  out = jax.eval_shape(fn, x, scale)
+  assert out.shape == x.shape and out.dtype == x.dtype
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_batch_invariance_and_determinism(impl):
+  """A row's bits do not depend on the batch size, its position or the run."""
+  x, scale = random_inputs(4, (37, 5120), "bfloat16")
+  fn = _norm(impl)
+  full = np.asarray(fn(x, scale))
+  np.testing.assert_array_equal(np.asarray(fn(x, scale)), full)
+  np.testing.assert_array_equal(np.asarray(fn(x[:1], scale)), full[:1])
+  np.testing.assert_array_equal(np.asarray(fn(x[20:23], scale)), full[20:23])
+  perm = np.random.default_rng(0).permutation(37)
+  np.testing.assert_array_equal(np.asarray(fn(x[perm], scale)), full[perm])
+
+
+@pytest.mark.parametrize("interpret", [pytest.param(True, id="interpret"),
+                                       pytest.param(False, id="gpu",
+                                                    marks=requires_gpu)])
+@pytest.mark.parametrize("config", [
+    triton_config.Config(block_rows=2, block_cols=256, num_warps=4,
+                         num_stages=2),
+    triton_config.Config(block_rows=4, block_cols=1024, num_warps=2),
+], ids=str)
+def test_explicit_configs(config, interpret):
+  """Both kernel paths (chunked and one-pass) at non-powers of two, with rows
+  not a multiple of block_rows."""
+  x, scale = random_inputs(5, (7, 1000), "float32")
+  y = jax.jit(functools.partial(
+      triton_forward.rms_norm_triton, epsilon=1e-6, scale_offset=0.0,
+      interpret=interpret, config=config))(x, scale)
+  assert_close(y, oracle(x, scale), "float32", 1000)
+
+
+def test_heuristic_is_pure_and_batch_independent():
+  for n in (1, 7, 896, 5120, 14336, 16385, 65536):
+    for dtype in DTYPES:
+      configs = {triton_config.get_config(m, n, dtype) for m in (1, 13, 4096)}
+      assert len(configs) == 1, (n, dtype, configs)
+      (config,) = configs
+      assert config.block_cols >= n or config.num_chunks(n) > 1
+
+
+def test_auto_uses_reference_on_cpu_and_kernel_on_gpu():
+  x, scale = random_inputs(6, (8, 256), "float32")
+  hlo = jax.jit(jax_rmsnorm.rms_norm).lower(x, scale).as_text()
+  assert (triton_forward.KERNEL_NAME in hlo) == ON_GPU
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")
+def test_explicit_kernel_without_gpu_says_so():
+  x, scale = random_inputs(7, (8, 256), "float32")
+  with pytest.raises(NotImplementedError, match="needs an NVIDIA GPU"):
+    jax_rmsnorm.rms_norm(x, scale, implementation="triton")
+  # A sequence falls back, and says why at DEBUG level.
+  y = jax_rmsnorm.rms_norm(x, scale, implementation=("triton", "xla"))
+  assert_close(y, oracle(x, scale), "float32", 256)
+
+
+def test_fallback_is_logged(caplog):
+  x = jnp.ones((2, triton_config.MAX_COLS + 1), jnp.bfloat16)
+  with caplog.at_level(logging.DEBUG, logger="jax_rmsnorm"):
+    jax.eval_shape(jax_rmsnorm.rms_norm, x)
+  assert "cannot run" in caplog.text
+  with pytest.raises(NotImplementedError, match="limit"):
+    jax.eval_shape(functools.partial(
+        jax_rmsnorm.rms_norm, implementation="triton", interpret=True), x)
+
+
+def test_launch_config_is_logged(caplog):
+  x, _ = random_inputs(8, (2, 896), "bfloat16")
+  with caplog.at_level(logging.DEBUG, logger="jax_rmsnorm"):
+    jax.eval_shape(functools.partial(jax_rmsnorm.rms_norm, interpret=True), x)
+  assert "Config(block_rows=1, block_cols=1024" in caplog.text
+
+
+@requires_gpu
+def test_compiled_program_holds_kernel_once():
+  x, scale = random_inputs(9, (64, 4096), "bfloat16")
+  text = jax.jit(jax_rmsnorm.rms_norm).lower(x, scale).compile().as_text()
+  calls = [l for l in text.splitlines()
+           if "custom-call" in l and "__gpu$xla.gpu.triton" in l]
+  assert len(calls) == 1, text
+  assert triton_forward.KERNEL_NAME in calls[0]
+
+
+@requires_gpu
+@pytest.mark.parametrize("m,n,dtype", shapes.BENCHMARK_SHAPES,
+                         ids=lambda v: str(v))
+def test_benchmark_shapes_compiled(m, n, dtype):
+  x, scale = random_inputs(m * 7 + n, (m, n), dtype)
+  y = jax.jit(functools.partial(jax_rmsnorm.rms_norm,
+                                implementation="triton"))(x, scale)
+  assert_close(y, oracle(x, scale), dtype, n)
