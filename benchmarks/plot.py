@@ -1,0 +1,43 @@
+"""Plots a forward benchmark JSON: achieved GB/s per shape, ours vs XLA,
+against the measured copy bandwidth.
+
+  python -m benchmarks.plot benchmarks/results/forward_NVIDIA_H100_80GB_HBM3.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def plot_forward(json_path: str, png_path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  with open(json_path) as f:
+    data = json.load(f)
+  rows = data["rows"]
+  labels = [f"{r['dtype'][:4]} {r['m']}x{r['n']}" for r in rows]
+  xs = range(len(rows))
+  fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows)), 4.5))
+  width = 0.27
+  ax.bar([x - width for x in xs], [r["copy_gbps"] for r in rows], width,
+         label="copy (x*2), ceiling", color="#bbbbbb")
+  ax.bar(list(xs), [r["xla_gbps"] for r in rows], width, label="XLA fused jnp",
+         color="#4c72b0")
+  ax.bar([x + width for x in xs], [r["triton_gbps"] for r in rows], width,
+         label="jax_rmsnorm (Pallas)", color="#dd8452")
+  ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=8)
+  ax.set_ylabel("GB/s (bytes of x, scale, y)")
+  s = data["summary"]
+  ax.set_title(f"RMSNorm forward on {data['card']} (JAX {data['jax']}): "
+               f"geomean XLA/ours {s['geomean_xla_over_impl']:.3f}")
+  ax.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  path = sys.argv[1]
+  plot_forward(path, path.rsplit(".", 1)[0] + ".png")

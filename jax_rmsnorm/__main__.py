@@ -1,0 +1,81 @@
+"""The main job: `python -m jax_rmsnorm`.
+
+Checks the Pallas kernel against the float64 oracle on this machine (compiled
+on an NVIDIA GPU, in Pallas interpret mode elsewhere), then times it against
+XLA. On a CPU only XLA is timed: interpret mode proves correctness, not speed.
+Exit status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import jax
+
+from jax_rmsnorm._src import api
+from jax_rmsnorm._src import bench
+from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import shapes
+from jax_rmsnorm._src import testing
+
+# Odd shapes the self-check always covers, on any device.
+CHECK_SHAPES = [((1, 1), "float32"), ((5, 7), "bfloat16"),
+                ((13, 896), "bfloat16"), ((3, 5120), "float16"),
+                ((2, 4, 1536), "float32"), ((2, 14336), "bfloat16"),
+                ((2, 16411), "float32")]
+
+
+def self_check(interpret: bool) -> bool:
+  ok = True
+  for shape, dtype in CHECK_SHAPES:
+    x, scale = testing.random_inputs(len(shape) * shape[-1], shape, dtype,
+                                     "float32")
+    fn = jax.jit(functools.partial(api.rms_norm, implementation="triton",
+                                   interpret=interpret))
+    excess, _ = testing.worst_excess(fn(x, scale), testing.oracle(x, scale),
+                                     dtype, shape[-1])
+    ok &= excess <= 0
+    print(f"  {dtype:9s} {str(shape):12s} "
+          f"{'ok' if excess <= 0 else 'FAILED'} (worst excess over the "
+          f"bound {excess:.2e})")
+  return ok
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--iterations", type=int, default=20)
+  args = parser.parse_args(argv)
+  gpu = platform.on_cuda_gpu()
+  device = jax.devices()[0]
+  print(f"jax {jax.__version__} on {device.platform}: {device.device_kind}")
+  print("self-check against the float64 oracle "
+        f"({'compiled kernel' if gpu else 'Pallas interpret mode on CPU'}):")
+  ok = self_check(interpret=not gpu)
+  if gpu:
+    rows = [bench.bench_forward(m, n, d, iterations=args.iterations)
+            for m, n, d in shapes.BENCHMARK_SHAPES]
+    print(f"\nforward, CUPTI median of {args.iterations} ({device.device_kind}):")
+    print(bench.format_table(rows))
+    summary = bench.summarize(rows)
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in summary.items()))
+    ok &= summary["all_numerics_ok"]
+  else:
+    print("\nNo NVIDIA GPU here: the kernel ran in interpret mode (correctness "
+          "only).\nXLA's CPU reference, wall clock per call (dispatch "
+          "included; not a GPU number):")
+    for m, n, dtype in [(1, 4096, "float32"), (256, 4096, "float32"),
+                        (2048, 4096, "bfloat16")]:
+      x, scale = testing.random_inputs(0, (m, n), dtype)
+      us = bench.measure_us(jax.jit(api.rms_norm_reference), x, scale,
+                            iterations=args.iterations)
+      gbps = bench.forward_bytes(m, n, dtype, dtype) / us / 1e3
+      print(f"  {dtype:9s} {m:>5d}x{n:<5d} {us:9.1f} us {gbps:6.1f} GB/s")
+  print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
