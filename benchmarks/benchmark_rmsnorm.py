@@ -42,7 +42,7 @@ def main(argv=None) -> int:
   parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
   parser.add_argument("--max-elements", type=float, default=math.inf,
                       help="skip shapes with more elements (quick runs)")
-  parser.add_argument("--iterations", type=int, default=20)
+  parser.add_argument("--iterations", type=int, default=50)
   parser.add_argument("--out", default=os.path.join(
       os.path.dirname(__file__), "results"))
   args = parser.parse_args(argv)

@@ -42,6 +42,17 @@ SMALL_SWEEP = (
     (65536, 256, "float32"), (32768, 512, "bfloat16"),
 )
 
+# Hidden sizes that are not powers of two (one pass, several chunks held in
+# registers) and the power-of-two rows whose warps were in doubt.
+CHUNK_SWEEP = (
+    (32768, 3072, "bfloat16"), (65536, 896, "bfloat16"),
+    (4096, 14336, "bfloat16"), (8192, 5120, "bfloat16"),
+    (65536, 896, "float32"), (4096, 14336, "float32"),
+    (8192, 5120, "float32"), (16384, 8192, "float32"),
+    (16384, 8192, "bfloat16"), (32768, 4096, "bfloat16"),
+)
+SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP}
+
 
 def candidates(n: int):
   cols = triton_config.next_power_of_2(n)
@@ -53,16 +64,23 @@ def candidates(n: int):
   for rows, warps in itertools.product((1, 2, 4, 8, 16, 32), (2, 4, 8, 16, 32)):
     if rows * cols <= 32768 and rows * cols >= 32 * warps:
       yield triton_config.Config(rows, cols, warps, 1)
+  # One row held in registers as up to 16 chunks: less padding for widths
+  # such as 896 = 7 x 128 or 14336 = 7 x 2048.
+  chunk = max(128, triton_config.next_power_of_2(-(-n // 16)))
+  while chunk < cols:
+    for warps in (2, 4, 8, 16, 32):
+      yield triton_config.Config(1, chunk, warps, 1)
+    chunk *= 2
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--out", default="tune.json")
   parser.add_argument("--iterations", type=int, default=20)
-  parser.add_argument("--sweep", choices=("large", "small"), default="large")
+  parser.add_argument("--sweep", choices=tuple(SWEEPS), default="large")
   args = parser.parse_args(argv)
   results = []
-  for m, n, dtype in SWEEP if args.sweep == "large" else SMALL_SWEEP:
+  for m, n, dtype in SWEEPS[args.sweep]:
     x, scale = testing.random_inputs(0, (m, n), dtype)
     ref64 = testing.oracle(x, scale)
     xla = jax.jit(functools.partial(reference.rms_norm_reference,

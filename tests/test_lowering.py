@@ -43,6 +43,7 @@ def export_for_cuda(fn, *args) -> str:
     ((2, 7, 1536), "float16", "float32", 1.0),
     ((5, 5120), "float32", "float32", 0.0),
     ((2, 14336), "bfloat16", "float32", 0.0),
+    ((3, 14336), "float32", "float32", 0.0),     # 7 chunks in registers
     ((4, 16384), "float32", "bfloat16", 0.0),
     ((2, 16411), "float32", "float32", 0.0),      # chunked, prime N
     ((2, 65536), "bfloat16", "bfloat16", 0.0),    # chunked

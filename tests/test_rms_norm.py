@@ -101,14 +101,20 @@ def test_batch_invariance_and_determinism(impl):
 @pytest.mark.parametrize("interpret", [pytest.param(True, id="interpret"),
                                        pytest.param(False, id="gpu",
                                                     marks=requires_gpu)])
-@pytest.mark.parametrize("config", [
-    triton_config.Config(block_rows=2, block_cols=256, num_warps=4,
-                         num_stages=2),
-    triton_config.Config(block_rows=4, block_cols=1024, num_warps=2),
+@pytest.mark.parametrize("config,max_one_pass", [
+    # Two passes: a loop over 4 chunks of 256, the last one partial.
+    (triton_config.Config(block_rows=2, block_cols=256, num_warps=4,
+                          num_stages=2), 512),
+    # One pass, 4 chunks of 256 held in registers.
+    (triton_config.Config(block_rows=2, block_cols=256, num_warps=2), 16384),
+    # One pass, one padded chunk, 4 rows a program.
+    (triton_config.Config(block_rows=4, block_cols=1024, num_warps=2), 16384),
 ], ids=str)
-def test_explicit_configs(config, interpret):
-  """Both kernel paths (chunked and one-pass) at non-powers of two, with rows
-  not a multiple of block_rows."""
+def test_explicit_configs(config, max_one_pass, interpret, monkeypatch):
+  """Each kernel path at a non-power of two, with the row count not a
+  multiple of block_rows."""
+  monkeypatch.setattr(triton_config, "MAX_ONE_PASS_COLS", max_one_pass)
+  assert config.resident(1000) == (max_one_pass > 512)
   x, scale = random_inputs(5, (7, 1000), "float32")
   y = jax.jit(functools.partial(
       triton_forward.rms_norm_triton, epsilon=1e-6, scale_offset=0.0,

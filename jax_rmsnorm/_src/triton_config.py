@@ -27,9 +27,10 @@ class Config:
 
   Attributes:
     block_rows: rows handled by one program (a power of two).
-    block_cols: columns loaded at once (a power of two). When it is at least
-      the row length the row is normalized in one pass over HBM; otherwise the
-      kernel loops over the row in chunks of this width (two passes).
+    block_cols: columns loaded at once (a power of two): the row is split in
+      cdiv(n, block_cols) chunks. While those fit in MAX_ONE_PASS_COLS they
+      stay in registers (one pass over HBM); past that the kernel loops over
+      the chunks twice (two passes).
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining depth (matters for chunk loops).
   """
@@ -47,17 +48,23 @@ class Config:
   def num_chunks(self, n: int) -> int:
     return -(-n // self.block_cols)
 
+  def resident(self, n: int) -> bool:
+    """Whether a row is held in registers (one pass) rather than re-read."""
+    return self.num_chunks(n) * self.block_cols <= MAX_ONE_PASS_COLS
+
 
 # Warps per program by the bytes a program loads (rounded to the nearest power
-# of two), tuned on an H100 (benchmarks/results/tune_triton_h100.json, made by
-# `python -m benchmarks.tune_triton`). One row per program won everywhere;
-# about 32 bytes per thread (two 16-byte loads) is best up to 16 KiB. The
-# widest float32 rows (64 KiB) run best on fewer, fatter threads: two programs
-# then share an SM's registers.
-_WARPS_BY_ROW_BYTES = ((1024, 1), (2048, 2), (4096, 4), (8192, 8),
-                       (16384, 16), (32768, 16), (65536, 8))
+# of two), tuned on an H100 with `python -m benchmarks.tune_triton` (results in
+# benchmarks/results/tune_triton_*h100.json). One row per program won
+# everywhere. 4 warps up to 8 KiB keeps decode sizes (M <= 256) at or under
+# XLA's time; 16 warps from 16 KiB keeps large-M rows at the copy ceiling.
+_WARPS_BY_BYTES = ((1024, 1), (2048, 2), (8192, 4), (32768, 16))
+# Rows padded past 32 KiB (float32 rows of 8193..16384) are held in registers
+# as chunks of 2048 elements with 32 warps: 14336 = 7 x 2048 ran at 98% of the
+# copy bandwidth, the padded 16384 at 96% at best.
+_WIDE_CHUNK_COLS, _WIDE_WARPS = 2048, 32
 # Chunk width of the two-pass kernel for rows past MAX_ONE_PASS_COLS.
-_CHUNK_COLS_BY_ITEMSIZE = {2: 8192, 4: 2048}
+_LOOP_CHUNK_COLS_BY_ITEMSIZE = {2: 8192, 4: 2048}
 
 
 def get_config(rows: int, n: int, dtype, device_kind: str | None = None
@@ -74,10 +81,14 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None
   itemsize = np.dtype(dtype).itemsize
   cols = next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS:
-    return Config(block_rows=1, block_cols=_CHUNK_COLS_BY_ITEMSIZE[itemsize],
+    return Config(block_rows=1,
+                  block_cols=_LOOP_CHUNK_COLS_BY_ITEMSIZE[itemsize],
                   num_warps=16, num_stages=3)
+  if cols * itemsize > _WARPS_BY_BYTES[-1][0]:
+    return Config(block_rows=1, block_cols=_WIDE_CHUNK_COLS,
+                  num_warps=_WIDE_WARPS)
   # Short rows: several rows per program, so that a program moves >= 1 KiB.
   block_rows = max(1, 1024 // (cols * itemsize))
   load_bytes = 1 << round(math.log2(block_rows * n * itemsize))
-  num_warps = next(w for limit, w in _WARPS_BY_ROW_BYTES if load_bytes <= limit)
+  num_warps = next(w for limit, w in _WARPS_BY_BYTES if load_bytes <= limit)
   return Config(block_rows=block_rows, block_cols=cols, num_warps=num_warps)
