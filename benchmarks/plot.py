@@ -17,7 +17,8 @@ def plot_forward(json_path: str, png_path: str) -> None:
   with open(json_path) as f:
     data = json.load(f)
   rows = data["rows"]
-  labels = [f"{r['dtype'][:4]} {r['m']}x{r['n']}" for r in rows]
+  short = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+  labels = [f"{short.get(r['dtype'], r['dtype'])} {r['m']}x{r['n']}" for r in rows]
   xs = range(len(rows))
   fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows)), 4.5))
   width = 0.27
