@@ -43,7 +43,7 @@ def forward_bytes(m: int, n: int, dtype, scale_dtype) -> int:
 
 
 def bench_forward(m: int, n: int, dtype: str, *, implementations=("triton",),
-                  interpret: bool = False, iterations: int = 20) -> dict:
+                  iterations: int = 20) -> dict:
   """Checks and times each implementation on one shape beside XLA and copy.
 
   Returns one flat row: times in us, GB/s from `forward_bytes`, % of the
@@ -61,8 +61,7 @@ def bench_forward(m: int, n: int, dtype: str, *, implementations=("triton",),
              copy_gbps=2 * x.nbytes / copy_us / 1e3, xla_us=xla_us,
              xla_gbps=nbytes / xla_us / 1e3)
   for name in implementations:
-    fn = jax.jit(functools.partial(api.rms_norm, implementation=name,
-                                   interpret=interpret and name != "xla"))
+    fn = jax.jit(functools.partial(api.rms_norm, implementation=name))
     excess, _ = testing.worst_excess(fn(x, scale), ref, dtype, n)
     us = measure_us(fn, x, scale, iterations=iterations)
     gbps = nbytes / us / 1e3
