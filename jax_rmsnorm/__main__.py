@@ -1,9 +1,10 @@
 """The main job: `python -m jax_rmsnorm`.
 
-Checks the Pallas kernel against the float64 oracle on this machine (compiled
-on an NVIDIA GPU, in Pallas interpret mode elsewhere), then times it against
-XLA. On a CPU only XLA is timed: interpret mode proves correctness, not speed.
-Exit status 1 if any check fails.
+Checks the Pallas kernels (rms_norm, add_rms_norm, and the gradients) against
+the float64 oracle on this machine (compiled on an NVIDIA GPU, in Pallas
+interpret mode elsewhere), then times them against XLA. On a CPU only XLA is
+timed: interpret mode proves correctness, not speed. Exit status 1 if any
+check fails.
 """
 
 from __future__ import annotations
@@ -27,19 +28,41 @@ CHECK_SHAPES = [((1, 1), "float32"), ((5, 7), "bfloat16"),
                 ((2, 16411), "float32")]
 
 
+def _check_one(shape, dtype, interpret) -> float:
+  """Worst excess over the bounds of y, (y, h) and (dx, dscale); <= 0: ok."""
+  n = shape[-1]
+  kernel = dict(implementation="triton", interpret=interpret)
+  x, scale = testing.random_inputs(len(shape) * n, shape, dtype, "float32")
+  other, _ = testing.random_inputs(len(shape) * n + 1, shape, dtype)
+  y = jax.jit(functools.partial(api.rms_norm, **kernel))(x, scale)
+  worst = testing.worst_excess(y, testing.oracle(x, scale), dtype, n)[0]
+  y, h = jax.jit(functools.partial(api.add_rms_norm, **kernel))(
+      x, other, scale)
+  worst = max(worst, testing.worst_excess(y, testing.oracle(h, scale), dtype,
+                                          n)[0])
+
+  def loss(x, scale):
+    y = api.rms_norm(x, scale, **kernel)
+    return jax.numpy.sum(y.astype("float32") * other.astype("float32"))
+
+  dx, dscale = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale)
+  ref = testing.oracle_grad(x, scale, other)
+  rows = x.size // n
+  return max(worst,
+             testing.relative_error(dx, ref.dx, ref.dx_size)
+             - testing.grad_tolerance(dtype, n),
+             testing.relative_error(dscale, ref.dscale)
+             - testing.scale_grad_tolerance("float32", rows, n))
+
+
 def self_check(interpret: bool) -> bool:
   ok = True
   for shape, dtype in CHECK_SHAPES:
-    x, scale = testing.random_inputs(len(shape) * shape[-1], shape, dtype,
-                                     "float32")
-    fn = jax.jit(functools.partial(api.rms_norm, implementation="triton",
-                                   interpret=interpret))
-    excess, _ = testing.worst_excess(fn(x, scale), testing.oracle(x, scale),
-                                     dtype, shape[-1])
+    excess = _check_one(shape, dtype, interpret)
     ok &= excess <= 0
     print(f"  {dtype:9s} {str(shape):12s} "
-          f"{'ok' if excess <= 0 else 'FAILED'} (worst excess over the "
-          f"bound {excess:.2e})")
+          f"{'ok' if excess <= 0 else 'FAILED'} (forward, add+norm, grads; "
+          f"worst excess over the bounds {excess:.2e})")
   return ok
 
 
@@ -54,14 +77,16 @@ def main(argv=None) -> int:
         f"({'compiled kernel' if gpu else 'Pallas interpret mode on CPU'}):")
   ok = self_check(interpret=not gpu)
   if gpu:
-    rows = [bench.bench_forward(m, n, d, iterations=args.iterations)
-            for m, n, d in shapes.BENCHMARK_SHAPES]
-    print(f"\nforward, CUPTI median of {args.iterations} ({device.device_kind}):")
-    print(bench.format_table(rows))
-    summary = bench.summarize(rows)
-    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in summary.items()))
-    ok &= summary["all_numerics_ok"]
+    for op in bench.OPS:
+      rows = [bench.bench_op(op, m, n, d, iterations=args.iterations)
+              for m, n, d in shapes.BENCHMARK_SHAPES]
+      print(f"\n{op}, CUPTI median of {args.iterations} "
+            f"({device.device_kind}):")
+      print(bench.format_table(rows))
+      summary = bench.summarize(rows)
+      print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in summary.items()))
+      ok &= summary["all_numerics_ok"]
   else:
     print("\nNo NVIDIA GPU here: the kernel ran in interpret mode (correctness "
           "only).\nXLA's CPU reference, wall clock per call (dispatch "

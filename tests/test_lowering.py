@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import jax_rmsnorm
+from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import triton_backward
 from jax_rmsnorm._src import triton_forward
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -38,6 +41,17 @@ def export_for_cuda(fn, *args) -> str:
   return exported.mlir_module()
 
 
+def _kernel_calls(text: str) -> list[str]:
+  return [l for l in text.splitlines() if TRITON_CALL in l]
+
+
+@pytest.fixture(autouse=True)
+def _pretend_cuda(monkeypatch):
+  # The CPU test machine has no GPU, so the platform check is bypassed here;
+  # everything else (configs, masks, the Triton lowering) is the real path.
+  monkeypatch.setattr(platform, "on_cuda_gpu", lambda: True)
+
+
 @pytest.mark.parametrize("shape,dtype,scale_dtype,offset", [
     ((3, 896), "bfloat16", "bfloat16", 0.0),
     ((2, 7, 1536), "float16", "float32", 1.0),
@@ -51,17 +65,51 @@ def export_for_cuda(fn, *args) -> str:
     ((1, 7), "bfloat16", None, 0.0),
     ((300, 96), "float32", "float32", 1.0),       # several rows per program
 ], ids=str)
-def test_lowers_for_cuda_with_one_named_kernel(shape, dtype, scale_dtype,
-                                               offset):
+def test_forward_lowers_with_one_named_kernel(shape, dtype, scale_dtype,
+                                              offset):
   x = jnp.zeros(shape, dtype)
   scale = None if scale_dtype is None else jnp.zeros(shape[-1:], scale_dtype)
-  fn = functools.partial(triton_forward.rms_norm_triton, epsilon=1e-6,
-                         scale_offset=offset, interpret=False)
-  # The CPU test machine has no GPU, so the platform check is bypassed here;
-  # everything else (configs, masks, the Triton lowering) is the real path.
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(triton_forward.platform, "on_cuda_gpu", lambda: True)
-    text = export_for_cuda(fn, x, scale)
-  calls = [l for l in text.splitlines() if TRITON_CALL in l]
+  fn = functools.partial(jax_rmsnorm.rms_norm, scale_offset=offset,
+                         implementation="triton")
+  calls = _kernel_calls(export_for_cuda(fn, x, scale))
   assert len(calls) == 1, calls
   assert triton_forward.KERNEL_NAME in calls[0]
+
+
+# (shape, x dtype, residual dtype or None, scale dtype or None, cast order).
+GRAD_CASES = [
+    ((3, 896), "bfloat16", None, "float32", "float32"),
+    ((13, 5120), "float32", None, "float32", "hf"),
+    ((2, 14336), "bfloat16", "bfloat16", "bfloat16", "float32"),
+    ((3, 14336), "float32", "float32", "float32", "float32"),
+    ((4, 16384), "bfloat16", None, "float32", "float32"),
+    ((2, 3, 4096), "float16", "float32", "float32", "hf"),
+    ((9, 1), "float16", None, None, "float32"),
+    ((300, 96), "float32", "float32", None, "float32"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,res_dtype,scale_dtype,cast_order",
+                         GRAD_CASES, ids=str)
+def test_training_step_lowers_to_forward_and_backward_kernels(
+    shape, dtype, res_dtype, scale_dtype, cast_order):
+  """grad of rms_norm / add_rms_norm: one forward and one backward kernel,
+  with a residual, a scale, dh and the cast order in every combination."""
+  x = jnp.zeros(shape, dtype)
+  residual = None if res_dtype is None else jnp.zeros(shape, res_dtype)
+  scale = None if scale_dtype is None else jnp.zeros(shape[-1:], scale_dtype)
+
+  def loss(x, residual, scale):
+    kwargs = dict(cast_order=cast_order, implementation="triton")
+    if residual is None:
+      y, h = jax_rmsnorm.rms_norm(x, scale, **kwargs), x
+    else:
+      y, h = jax_rmsnorm.add_rms_norm(x, residual, scale, **kwargs)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h.astype(jnp.float32))
+
+  calls = _kernel_calls(export_for_cuda(jax.grad(loss, argnums=(0, 1, 2)),
+                                        x, residual, scale))
+  names = sorted(name for c in calls for name in (
+      triton_forward.KERNEL_NAME, triton_backward.KERNEL_NAME) if name in c)
+  assert names == sorted([triton_backward.KERNEL_NAME,
+                          triton_forward.KERNEL_NAME]), calls

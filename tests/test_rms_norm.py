@@ -116,9 +116,9 @@ def test_explicit_configs(config, max_one_pass, interpret, monkeypatch):
   monkeypatch.setattr(triton_config, "MAX_ONE_PASS_COLS", max_one_pass)
   assert config.resident(1000) == (max_one_pass > 512)
   x, scale = random_inputs(5, (7, 1000), "float32")
-  y = jax.jit(functools.partial(
-      triton_forward.rms_norm_triton, epsilon=1e-6, scale_offset=0.0,
-      interpret=interpret, config=config))(x, scale)
+  y = jax.jit(lambda x, scale: triton_forward.forward(
+      x, None, scale, epsilon=1e-6, scale_offset=0.0, interpret=interpret,
+      config=config).y)(x, scale)
   assert_close(y, oracle(x, scale), "float32", 1000)
 
 

@@ -41,25 +41,48 @@ BAD = [
     ("implementation type", dict(implementation=3), TypeError, "implementation must be None"),
     ("interpret with xla", dict(implementation="xla", interpret=True), ValueError, "interpret=True runs a Pallas kernel"),
     ("interpret not bool", dict(interpret="yes"), TypeError, "interpret must be a bool"),
+    ("out_dtype int", dict(out_dtype=jnp.int32), TypeError, "out_dtype=dtype('int32') is not supported"),
+    ("out_dtype float64", dict(out_dtype=np.float64), TypeError, "out_dtype=dtype('float64') is not supported"),
+    ("out_dtype nonsense", dict(out_dtype="fp8-ish"), TypeError, "out_dtype must be a dtype"),
+    ("cast_order unknown", dict(cast_order="torch"), ValueError, "unknown cast_order='torch'"),
+    ("cast_order None", dict(cast_order=None), ValueError, "unknown cast_order=None"),
+]
+# add_rms_norm only: the residual.
+BAD_RESIDUAL = [
+    ("residual of another shape", dict(residual=jnp.ones((4, 9))), ValueError, "residual must have x's shape (4, 8), got residual.shape=(4, 9)"),
+    ("residual broadcastable", dict(residual=jnp.ones((8,))), ValueError, "residual must have x's shape"),
+    ("integer residual", dict(residual=jnp.ones((4, 8), jnp.int32)), TypeError, "residual must be a floating-point"),
+    ("float64 residual", dict(residual=np.ones((4, 8))), TypeError, "residual.dtype=float64 is not supported"),
+    ("list residual", dict(residual=[[1.0] * 8] * 4), TypeError, "residual must be a jax.Array"),
+    ("residual None", dict(residual=None), TypeError, "residual must be a jax.Array"),
 ]
 
 
-def _call(x=X, scale=S, **kwargs):
+def _norm(x=X, scale=S, **kwargs):
   return jax_rmsnorm.rms_norm(x, scale, **kwargs)
 
 
-@pytest.mark.parametrize("desc,kwargs,exc,fragment", BAD,
-                         ids=[b[0] for b in BAD])
-def test_bad_input_raises_clearly(desc, kwargs, exc, fragment):
+def _add_norm(x=X, scale=S, residual=X, **kwargs):
+  return jax_rmsnorm.add_rms_norm(x, residual, scale, **kwargs)
+
+
+CASES = ([pytest.param(_norm, *case, id=f"rms_norm-{case[0]}") for case in BAD]
+         + [pytest.param(_add_norm, *case, id=f"add_rms_norm-{case[0]}")
+            for case in BAD + BAD_RESIDUAL])
+
+
+@pytest.mark.parametrize("call,desc,kwargs,exc,fragment", CASES)
+def test_bad_input_raises_clearly(call, desc, kwargs, exc, fragment):
   del desc
   with pytest.raises(exc) as info:
-    _call(**kwargs)
+    call(**kwargs)
   assert fragment in str(info.value)
   # The same error comes at trace time under jit, before lowering; the
   # reference entry point validates identically.
   with pytest.raises(exc):
-    jax.eval_shape(functools.partial(_call, **kwargs))
-  if "implementation" not in kwargs and "interpret" not in kwargs:
+    jax.eval_shape(functools.partial(call, **kwargs))
+  if call is _norm and "implementation" not in kwargs and (
+      "interpret" not in kwargs):
     with pytest.raises(exc):
       jax_rmsnorm.rms_norm_reference(
           kwargs.get("x", X), kwargs.get("scale", S),
@@ -69,6 +92,8 @@ def test_bad_input_raises_clearly(desc, kwargs, exc, fragment):
 def test_traced_epsilon_is_refused():
   with pytest.raises(TypeError, match="epsilon must be a static Python float"):
     jax.jit(lambda eps: jax_rmsnorm.rms_norm(X, S, epsilon=eps))(1e-6)
+  with pytest.raises(TypeError, match="epsilon must be a static Python float"):
+    jax.jit(lambda eps: jax_rmsnorm.add_rms_norm(X, X, S, epsilon=eps))(1e-6)
 
 
 def test_checks_hold_with_chex_asserts_disabled():
@@ -77,6 +102,8 @@ def test_checks_hold_with_chex_asserts_disabled():
   try:
     with pytest.raises(ValueError, match=r"scale.shape=\(7,\)"):
       jax_rmsnorm.rms_norm(X, jnp.ones(7), interpret=True)
+    with pytest.raises(ValueError, match=r"scale.shape=\(7,\)"):
+      jax_rmsnorm.add_rms_norm(X, X, jnp.ones(7), interpret=True)
   finally:
     chex.enable_asserts()
 

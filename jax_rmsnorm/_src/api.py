@@ -11,19 +11,81 @@ import jax.numpy as jnp
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import triton_forward
 from jax_rmsnorm._src import validation
+from jax_rmsnorm._src import vjp
 
 logger = logging.getLogger("jax_rmsnorm")
 
 Implementation = str | Sequence[str] | None
 
 
-def _run(name: str, x, scale, *, epsilon, scale_offset, interpret):
+def _run(name: str, x, residual, scale, opts: vjp.Options):
+  """(y, h) from implementation `name`; NotImplementedError if it can't run."""
   if name == "xla":
-    return reference.rms_norm_reference(
-        x, scale, epsilon=epsilon, scale_offset=scale_offset)
-  return triton_forward.rms_norm_triton(
-      x, scale, epsilon=epsilon, scale_offset=scale_offset,
-      interpret=interpret)
+    kwargs = dict(epsilon=opts.epsilon, scale_offset=opts.scale_offset,
+                  out_dtype=opts.out_dtype, cast_order=opts.cast_order)
+    if residual is None:
+      return reference.rms_norm_reference(x, scale, **kwargs), None
+    return reference.add_rms_norm_reference(x, residual, scale, **kwargs)
+  n = x.shape[-1]
+  triton_forward.check_supported(x.size // n, n, opts.interpret)
+  return vjp.rms_norm_triton(x, residual, scale, opts)
+
+
+def _dispatch(x, residual, scale, *, epsilon, scale_offset, out_dtype,
+              cast_order, implementation, interpret):
+  x, residual, scale, epsilon, scale_offset, out_dtype, cast_order = (
+      validation.check_args(x, residual, scale, epsilon, scale_offset,
+                            out_dtype, cast_order))
+  names, fallback = validation.canonicalize_implementation(
+      implementation, interpret)
+  if x.size == 0:
+    h = None if residual is None else reference.residual_add(x, residual)
+    norm_dtype = x.dtype if residual is None else residual.dtype
+    return jnp.zeros(x.shape, out_dtype or norm_dtype), h
+  opts = vjp.Options(epsilon=epsilon, scale_offset=scale_offset,
+                     out_dtype=out_dtype, cast_order=cast_order,
+                     interpret=bool(interpret), x_dtype=x.dtype)
+  for i, name in enumerate(names):
+    try:
+      return _run(name, x, residual, scale, opts)
+    except NotImplementedError as e:
+      if not fallback or i == len(names) - 1:
+        raise
+      logger.debug("rms_norm: %r cannot run (%s); trying %r", name, e,
+                   names[i + 1])
+  raise AssertionError("unreachable")
+
+
+_ARGS_DOC = """
+  Args:
+    x: array of shape `(..., N)`, any number of leading axes (none included),
+      dtype float16, bfloat16 or float32. Zero rows give an empty result.
+    scale: `(N,)` array of float16, bfloat16 or float32 (it may differ from
+      x's dtype, e.g. bfloat16 x with a float32 parameter), or None.
+    epsilon: added to the mean square; a static Python number, finite, > 0.
+    scale_offset: added to `scale` in float32; 1.0 gives Gemma's `(1 + scale)`.
+    out_dtype: dtype of y; None (the default) keeps the normalized input's.
+    cast_order: "float32" (default): normalize and scale in float32, round
+      once. "hf": Hugging Face LlamaRMSNorm's order, bit for bit: normalize in
+      float32, round to the input dtype, multiply by the scale, round again.
+    implementation: None picks the Pallas kernel on an NVIDIA GPU and the
+      reference elsewhere, falling back to the reference where the kernel
+      cannot run. `"triton"` (the Pallas kernel, Triton backend) or `"xla"`
+      (the reference) run that one and fail loudly otherwise; a sequence is
+      tried in order.
+    interpret: run the Pallas kernels in Pallas interpret mode (any backend,
+      CPU included). Slow; for testing.
+
+  Gradients: differentiable in every array argument (jit, vmap, remat). With
+  the kernel, the forward saves a float32 rstd per row and one backward kernel
+  computes dx and float32 per-program partial sums of d(scale); rows longer
+  than the backward kernel holds use the reference's gradient (DEBUG log).
+  The "xla" implementation is differentiated by JAX's autodiff.
+
+  Raises:
+    TypeError, ValueError: invalid arguments, before anything is compiled.
+    NotImplementedError: the implementation(s) asked for cannot run here.
+"""
 
 
 def rms_norm(
@@ -32,10 +94,17 @@ def rms_norm(
     *,
     epsilon: float = 1e-6,
     scale_offset: float = 0.0,
+    out_dtype=None,
+    cast_order: str = "float32",
     implementation: Implementation = None,
     interpret: bool = False,
 ) -> jax.Array:
-  """Root-mean-square normalization over the last axis of `x`.
+  return _dispatch(x, None, scale, epsilon=epsilon, scale_offset=scale_offset,
+                   out_dtype=out_dtype, cast_order=cast_order,
+                   implementation=implementation, interpret=interpret)[0]
+
+
+rms_norm.__doc__ = """Root-mean-square normalization over the last axis of `x`.
 
   Computes, in float32 with one rounding at the end::
 
@@ -45,47 +114,58 @@ def rms_norm(
 
     xf = x.astype(jnp.float32)
     y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
-    y = y * (scale_offset + scale.astype(jnp.float32))   # if scale is given
-    y = y.astype(x.dtype)
+    if cast_order == "hf":
+      y = y.astype(x.dtype).astype(jnp.float32)
+    if scale is not None:
+      y = y * (scale_offset + scale.astype(jnp.float32))
+    y = y.astype(out_dtype or x.dtype)
+""" + _ARGS_DOC + """
+  Returns:
+    y, an array of `x.shape` and dtype `out_dtype or x.dtype`.
+"""
+
+
+def add_rms_norm(
+    x: jax.Array,
+    residual: jax.Array,
+    scale: jax.Array | None = None,
+    *,
+    epsilon: float = 1e-6,
+    scale_offset: float = 0.0,
+    out_dtype=None,
+    cast_order: str = "float32",
+    implementation: Implementation = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  if residual is None:
+    raise TypeError("residual must be a jax.Array or numpy.ndarray, got None;"
+                    " use rms_norm to normalize without a residual")
+  return _dispatch(x, residual, scale, epsilon=epsilon,
+                   scale_offset=scale_offset, out_dtype=out_dtype,
+                   cast_order=cast_order, implementation=implementation,
+                   interpret=interpret)
+
+
+add_rms_norm.__doc__ = """Residual add fused with RMSNorm: returns `(y, h)`.
+
+  One kernel reads x and residual once and writes y and h. Equivalent to::
+
+    h = (x.astype(jnp.float32) + residual.astype(jnp.float32)
+         ).astype(residual.dtype)      # the new residual stream
+    y = rms_norm(h, scale, ...)        # normalizes the rounded h
+
+  which is what the unfused `h = x + residual; y = rms_norm(h, scale)` computes
+  when x and residual share a dtype. Gradients: d(residual) = d(x) = dh plus
+  the gradient through y, in residual's and x's dtypes.
 
   Args:
-    x: array of shape `(..., N)`, any number of leading axes (none included),
-      dtype float16, bfloat16 or float32. Zero rows give an empty result.
-    scale: `(N,)` array of float16, bfloat16 or float32 (it may differ from
-      x's dtype), or None for no scaling.
-    epsilon: added to the mean square; a static Python number, finite, > 0.
-    scale_offset: added to `scale` in float32; 1.0 gives Gemma's `(1 + scale)`.
-    implementation: None picks the Pallas kernel on an NVIDIA GPU and the
-      reference elsewhere, falling back to the reference where the kernel
-      cannot run. `"triton"` (the Pallas kernel, Triton backend) or `"xla"`
-      (the reference) run that one and fail loudly otherwise; a sequence is
-      tried in order.
-    interpret: run the Pallas kernel in Pallas interpret mode (any backend,
-      CPU included). Slow; for testing.
-
+    residual: the residual stream, x's shape, float16/bfloat16/float32; h has
+      its dtype.
+""" + _ARGS_DOC.replace("\n  Args:\n", "\n") + """
   Returns:
-    An array of `x.shape` and `x.dtype`.
-
-  Raises:
-    TypeError, ValueError: invalid arguments, before anything is compiled.
-    NotImplementedError: the implementation(s) asked for cannot run here.
-  """
-  x, scale, epsilon, scale_offset = validation.check_rms_norm_args(
-      x, scale, epsilon, scale_offset)
-  names, fallback = validation.canonicalize_implementation(
-      implementation, interpret)
-  if x.size == 0:
-    return jnp.zeros(x.shape, x.dtype)
-  for i, name in enumerate(names):
-    try:
-      return _run(name, x, scale, epsilon=epsilon, scale_offset=scale_offset,
-                  interpret=interpret)
-    except NotImplementedError as e:
-      if not fallback or i == len(names) - 1:
-        raise
-      logger.debug("rms_norm: %r cannot run (%s); trying %r", name, e,
-                   names[i + 1])
-  raise AssertionError("unreachable")
+    (y, h): y of dtype `out_dtype or residual.dtype`, h of residual's dtype,
+    both of `x.shape`.
+"""
 
 
 def rms_norm_reference(
@@ -94,6 +174,8 @@ def rms_norm_reference(
     *,
     epsilon: float = 1e-6,
     scale_offset: float = 0.0,
+    out_dtype=None,
+    cast_order: str = "float32",
 ) -> jax.Array:
   """The specification of `rms_norm` in plain jnp (its "xla" implementation).
 
@@ -101,4 +183,5 @@ def rms_norm_reference(
   "xla")`.
   """
   return rms_norm(x, scale, epsilon=epsilon, scale_offset=scale_offset,
+                  out_dtype=out_dtype, cast_order=cast_order,
                   implementation="xla")

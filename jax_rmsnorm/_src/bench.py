@@ -12,6 +12,7 @@ import numpy as np
 
 from jax_rmsnorm._src import api
 from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import shapes
 from jax_rmsnorm._src import testing
 
@@ -42,33 +43,106 @@ def forward_bytes(m: int, n: int, dtype, scale_dtype) -> int:
           + n * np.dtype(scale_dtype).itemsize)
 
 
-def bench_forward(m: int, n: int, dtype: str, *, implementations=("triton",),
-                  iterations: int = 20) -> dict:
-  """Checks and times each implementation on one shape beside XLA and copy.
+def backward_bytes(m: int, n: int, dtype, scale_dtype) -> int:
+  """Fewest bytes a backward moves: read x and dy, write dx; read the scale,
+  write d(scale)."""
+  return (3 * m * n * np.dtype(dtype).itemsize
+          + 2 * n * np.dtype(scale_dtype).itemsize)
 
-  Returns one flat row: times in us, GB/s from `forward_bytes`, % of the
-  measured copy bandwidth at this shape, the ratio time(xla) / time(impl)
-  (> 1: faster than XLA), and the worst excess over the error bound (<= 0 is
-  a pass).
+
+def add_bytes(m: int, n: int, dtype, scale_dtype) -> int:
+  """Fewest bytes add_rms_norm moves: read x and residual, write y and h."""
+  return (4 * m * n * np.dtype(dtype).itemsize
+          + n * np.dtype(scale_dtype).itemsize)
+
+
+OPS = ("forward", "backward", "add")
+
+
+def _backward_fn(implementation):
+  """(x, scale, dy) -> the vjp function of rms_norm, holding its residuals."""
+  def run(x, scale, dy):
+    del dy
+    fwd = functools.partial(api.rms_norm, implementation=implementation)
+    return jax.vjp(fwd, x, scale)[1]
+  return run
+
+
+def xla_backward(x, scale, dy):
+  """XLA's autodiff of the reference, forward included: XLA drops y, fuses
+  the rstd recomputation into the backward's kernels. Its fastest form, and
+  the form anchors.md timed."""
+  return jax.vjp(reference.rms_norm_reference, x, scale)[1](dy)
+
+
+def bench_op(op: str, m: int, n: int, dtype: str, *,
+             implementations=("triton",), iterations: int = 20) -> dict:
+  """Checks and times one op on one shape beside XLA and copy, same card.
+
+  op: "forward" (rms_norm), "backward" (dx and d(scale) of rms_norm, without
+  the forward) or "add" (add_rms_norm; XLA runs the unfused add then norm).
+  Returns one flat row: times in us, GB/s from the op's fewest bytes, % of
+  the measured copy bandwidth at this shape, time(xla) / time(impl) (> 1:
+  faster than XLA) and the worst excess over the error bound (<= 0: pass).
   """
   x, scale = testing.random_inputs(m * 131 + n, (m, n), dtype)
-  ref = testing.oracle(x, scale)
-  nbytes = forward_bytes(m, n, dtype, scale.dtype)
+  other, _ = testing.random_inputs(m * 131 + n + 1, (m, n), dtype)
+  nbytes = {"forward": forward_bytes, "backward": backward_bytes,
+            "add": add_bytes}[op](m, n, dtype, scale.dtype)
   copy_us = measure_us(jax.jit(lambda a: a * 2), x, iterations=iterations)
-  xla_us = measure_us(jax.jit(api.rms_norm_reference), x, scale,
-                      iterations=iterations)
-  row = dict(m=m, n=n, dtype=dtype, bytes=nbytes, copy_us=copy_us,
-             copy_gbps=2 * x.nbytes / copy_us / 1e3, xla_us=xla_us,
-             xla_gbps=nbytes / xla_us / 1e3)
+  row = dict(op=op, m=m, n=n, dtype=dtype, bytes=nbytes, copy_us=copy_us,
+             copy_gbps=2 * x.nbytes / copy_us / 1e3)
+
+  if op == "forward":
+    ref = testing.oracle(x, scale)
+    def make(name):
+      fn = jax.jit(functools.partial(api.rms_norm, implementation=name))
+      return fn, (x, scale), lambda y: testing.worst_excess(y, ref, dtype, n)[0]
+  elif op == "add":
+    h64 = np.asarray(x, np.float64) + np.asarray(other, np.float64)
+    h_ref = np.asarray(reference.residual_add(x, other))
+    ref = testing.oracle(h_ref, scale)
+    def make(name):
+      fn = jax.jit(functools.partial(api.add_rms_norm, implementation=name))
+      def excess(out):
+        y, h = out
+        # h: the f32 add rounded once, exactly; and within half an ulp of
+        # the exact sum.
+        h_err = testing.worst_excess(h, h64, dtype, 1)[0]
+        exact = np.array_equal(np.asarray(h), h_ref)
+        return max(testing.worst_excess(y, ref, dtype, n)[0], h_err,
+                   0.0 if exact else np.inf)
+      return fn, (x, other, scale), excess
+  else:
+    dy = other
+    ref = testing.oracle_grad(x, scale, dy)
+    tols = (testing.grad_tolerance(dtype, n),
+            testing.scale_grad_tolerance(scale.dtype, m, n))
+    def excess(out):
+      errs = (testing.relative_error(out[0], ref.dx, ref.dx_size),
+              testing.relative_error(out[1], ref.dscale))
+      return max(e - t for e, t in zip(errs, tols))
+    def make(name):
+      if name == "xla":
+        return jax.jit(xla_backward), (x, scale, dy), excess
+      # Ours: the backward pass alone, from the residuals its forward saved
+      # (x and a float32 rstd per row), as it runs in a training step.
+      vjp = jax.jit(_backward_fn(name))(x, scale, dy)
+      return jax.jit(lambda f, g: f(g)), (vjp, dy), excess
+
+  xla_fn, xla_args, _ = make("xla")
+  row["xla_us"] = xla_us = measure_us(xla_fn, *xla_args,
+                                      iterations=iterations)
+  row["xla_gbps"] = nbytes / xla_us / 1e3
   for name in implementations:
-    fn = jax.jit(functools.partial(api.rms_norm, implementation=name))
-    excess, _ = testing.worst_excess(fn(x, scale), ref, dtype, n)
-    us = measure_us(fn, x, scale, iterations=iterations)
+    fn, args, excess_of = make(name)
+    worst = excess_of(fn(*args))
+    us = measure_us(fn, *args, iterations=iterations)
     gbps = nbytes / us / 1e3
     row.update({f"{name}_us": us, f"{name}_gbps": gbps,
                 f"{name}_pct_copy": 100 * gbps / row["copy_gbps"],
                 f"{name}_xla_ratio": xla_us / us,
-                f"{name}_max_excess": excess, f"{name}_ok": excess <= 0})
+                f"{name}_max_excess": worst, f"{name}_ok": worst <= 0})
   return row
 
 
@@ -77,9 +151,12 @@ def summarize(rows: list[dict], impl: str = "triton") -> dict:
   ratios = [r[f"{impl}_xla_ratio"] for r in rows]
   large = [r[f"{impl}_pct_copy"] for r in rows
            if r["m"] * r["n"] >= shapes.LARGE_ELEMENTS]
+  large_ratios = [r[f"{impl}_xla_ratio"] for r in rows
+                  if r["m"] * r["n"] >= shapes.LARGE_ELEMENTS]
   return dict(
       geomean_xla_over_impl=math.exp(sum(map(math.log, ratios)) / len(ratios)),
       worst_impl_over_xla=max(1 / q for q in ratios),
+      min_xla_over_impl_large=min(large_ratios) if large_ratios else None,
       min_pct_copy_large=min(large) if large else None,
       all_numerics_ok=all(r[f"{impl}_ok"] for r in rows))
 

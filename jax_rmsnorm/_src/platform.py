@@ -17,3 +17,15 @@ def device_kind() -> str | None:
   if jax.default_backend() == "cpu":
     return None
   return jax.devices()[0].device_kind
+
+
+# Grid size assumed for persistent kernels off the GPU (interpret mode): a few
+# programs, so that tests exercise several programs sharing the rows.
+_INTERPRET_SM_COUNT = 2
+
+
+def sm_count() -> int:
+  """Streaming multiprocessors of the default GPU (a small stand-in on CPU)."""
+  if not on_cuda_gpu():
+    return _INTERPRET_SM_COUNT
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)

@@ -32,12 +32,23 @@ class Config:
       stay in registers (one pass over HBM); past that the kernel loops over
       the chunks twice (two passes).
     num_warps: Triton warps per program.
-    num_stages: Triton software-pipelining depth (matters for chunk loops).
+    num_stages: Triton software-pipelining depth (matters for loops).
+    programs_per_sm: 0 launches one program per block of rows (the forward).
+      Otherwise a persistent grid of about this many programs per SM, each
+      looping over every grid-th block of rows (the backward, whose programs
+      each keep a float32 partial sum of d(scale)).
+    prefetch: the persistent loop loads the next block of rows before it
+      computes the current one (the backward).
+    min_blocks_per_program: fewer programs for few rows, so that the float32
+      partials (one row of n per program) stay small next to the input.
   """
   block_rows: int
   block_cols: int
   num_warps: int
   num_stages: int = 1
+  programs_per_sm: int = 0
+  prefetch: bool = False
+  min_blocks_per_program: int = 1
 
   def __post_init__(self):
     for field in ("block_rows", "block_cols", "num_warps"):
@@ -47,6 +58,20 @@ class Config:
 
   def num_chunks(self, n: int) -> int:
     return -(-n // self.block_cols)
+
+  def num_programs(self, rows: int, sm_count: int) -> int:
+    """Programs to launch for `rows` rows on `sm_count` SMs."""
+    row_blocks = -(-rows // self.block_rows)
+    if not self.programs_per_sm:
+      return row_blocks
+    # At least min_blocks_per_program blocks each, but not fewer programs
+    # than SMs; then as few programs as give the same number of steps (the
+    # steps even out, and the partials shrink).
+    programs = max(min(row_blocks, sm_count),
+                   row_blocks // self.min_blocks_per_program)
+    programs = min(programs, self.programs_per_sm * sm_count)
+    steps = -(-row_blocks // programs)
+    return -(-row_blocks // steps)
 
   def resident(self, n: int) -> bool:
     """Whether a row is held in registers (one pass) rather than re-read."""
@@ -92,3 +117,49 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None
   load_bytes = 1 << round(math.log2(block_rows * n * itemsize))
   num_warps = next(w for limit, w in _WARPS_BY_BYTES if load_bytes <= limit)
   return Config(block_rows=block_rows, block_cols=cols, num_warps=num_warps)
+
+
+# The backward's (warps, programs per SM) by the bytes of a padded row, per
+# itemsize, tuned on an H100 with `python -m benchmarks.tune_triton --sweep
+# backward` (benchmarks/results/tune_triton_backward*_h100.json). A program
+# holds its row (x, dy, the d(scale) accumulator) in registers, so wide rows
+# get one program per SM; short rows get several, to keep memory busy.
+_BACKWARD_BY_BYTES = {
+    2: ((4096, 4, 8), (8192, 16, 2), (16384, 32, 1), (32768, 8, 1)),
+    4: ((4096, 4, 8), (8192, 16, 2), (16384, 32, 1), (32768, 16, 1),
+        (65536, 16, 1)),
+}
+# From 2048 rows on, 8 rows a program at least: fewer float32 partials of
+# d(scale) to write and sum (4096 x 2048 bf16: 21.2 us instead of 24.8;
+# benchmarks/results/tune_triton_backward_small_h100.json).
+_BACKWARD_MIN_BLOCKS_PER_PROGRAM = 8
+# Loading the next rows ahead doubles the registers x and dy take; it paid
+# off wherever a thread holds at most this many elements of a row.
+_PREFETCH_MAX_PER_THREAD = 16
+
+
+def get_backward_config(rows: int, n: int, dtype, device_kind: str | None = None
+                        ) -> Config:
+  """Picks the backward kernel's launch configuration; pure, like get_config.
+
+  A row is one padded block (the per-row arithmetic depends only on n and
+  dtype: dx is batch invariant). The backward holds x, dy and a d(scale)
+  accumulator per row in registers, so rows past MAX_ONE_PASS_COLS have no
+  configuration (the caller falls back to the reference's gradient).
+  """
+  del rows, device_kind
+  itemsize = np.dtype(dtype).itemsize
+  cols = next_power_of_2(n)
+  if cols > MAX_ONE_PASS_COLS:
+    raise NotImplementedError(
+        f"the backward kernel holds a row in registers; rows of {n} elements "
+        f"exceed its limit of {MAX_ONE_PASS_COLS}")
+  row_bytes = cols * itemsize
+  block_rows = max(1, 1024 // row_bytes)
+  num_warps, per_sm = next((w, p) for limit, w, p in
+                           _BACKWARD_BY_BYTES[itemsize] if row_bytes <= limit)
+  num_warps = min(num_warps, max(1, block_rows * cols // 32))
+  return Config(block_rows=block_rows, block_cols=cols, num_warps=num_warps,
+                programs_per_sm=per_sm,
+                prefetch=cols <= _PREFETCH_MAX_PER_THREAD * 32 * num_warps,
+                min_blocks_per_program=_BACKWARD_MIN_BLOCKS_PER_PROGRAM)

@@ -1,9 +1,11 @@
-"""The forward RMSNorm kernel: Pallas, lowered through the Triton backend."""
+"""The forward RMSNorm kernel (optionally fused with a residual add): Pallas,
+lowered through the Triton backend."""
 
 from __future__ import annotations
 
 import functools
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import triton_config
 
 logger = logging.getLogger("jax_rmsnorm")
@@ -18,31 +21,51 @@ logger = logging.getLogger("jax_rmsnorm")
 KERNEL_NAME = "jax_rmsnorm_fwd"
 
 
+def round_trip(value: jax.Array, dtype, interpret: bool) -> jax.Array:
+  """float32 `value` rounded to `dtype`, as float32, inside a kernel.
+
+  Triton keeps the two converts. Interpret mode runs the kernel through XLA,
+  which may drop the pair (excess precision): there reduce_precision rounds.
+  """
+  if interpret:
+    return reference.round_to(value, dtype)
+  return value.astype(dtype).astype(jnp.float32)
+
+
 def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
-                    has_scale: bool, num_chunks: int, resident: bool):
+                    has_residual: bool, has_scale: bool, save_rstd: bool,
+                    round_normalized: bool, num_chunks: int, resident: bool,
+                    interpret: bool):
   """Normalizes `block_rows` rows of `n` columns, `num_chunks` chunks each.
+
+  Refs: x, [residual], [scale], y, [h], [rstd]. With a residual the row that
+  is normalized is h = x + residual rounded to residual's dtype, and h is
+  written out too.
 
   resident (or one chunk): every chunk is loaded once and kept in registers,
   one pass over HBM; the chunks let a row of 14336 be 7 x 2048 instead of a
   padded 16384. Otherwise: a loop sums squares, a second loop normalizes
-  (rows too long for registers; x is read twice).
+  (rows too long for registers; the inputs are read twice).
   """
-  if has_scale:
-    x_ref, scale_ref, y_ref = refs
-  else:
-    (x_ref, y_ref), scale_ref = refs, None
+  refs = list(refs)
+  x_ref = refs.pop(0)
+  r_ref = refs.pop(0) if has_residual else None
+  scale_ref = refs.pop(0) if has_scale else None
+  y_ref = refs.pop(0)
+  h_ref = refs.pop(0) if has_residual else None
+  rstd_ref = refs.pop(0) if save_rstd else None
   block_rows = x_ref.shape[0]
   block_cols = x_ref.shape[1] // num_chunks
   shape = (block_rows, block_cols)
-  rows = (pl.program_id(0) * block_rows
-          + jax.lax.broadcasted_iota(jnp.int32, shape, 0))
+  first_row = pl.program_id(0) * block_rows
+  rows = first_row + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  need_rows = m % block_rows != 0
 
   def masks(k):
     """Element and scale masks of chunk `k`; None where nothing is out of
     bounds (known statically for a Python int `k`), so loads stay unmasked."""
     static = isinstance(k, int)
     need_cols = not static or (k + 1) * block_cols > n
-    need_rows = m % block_rows != 0
     cols = k * block_cols + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     scale_cols = k * block_cols + jax.lax.iota(jnp.int32, block_cols)
     mask = None
@@ -52,39 +75,65 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
       mask = cols < n if mask is None else mask & (cols < n)
     return mask, (scale_cols < n) if need_cols else None
 
+  def chunk(ref, k):
+    if ref.ndim == 1:
+      return ref.at[pl.ds(k * block_cols, block_cols)]
+    return ref.at[:, pl.ds(k * block_cols, block_cols)]
+
   def load(ref, k, mask):
-    at = ref.at[:, pl.ds(k * block_cols, block_cols)] if ref.ndim == 2 else (
-        ref.at[pl.ds(k * block_cols, block_cols)])
     if mask is None:
-      return plgpu.load(at).astype(jnp.float32)
-    return plgpu.load(at, mask=mask, other=0.0).astype(jnp.float32)
+      return plgpu.load(chunk(ref, k))
+    return plgpu.load(chunk(ref, k), mask=mask, other=0.0)
+
+  def store(ref, k, value, mask):
+    if mask is None:
+      plgpu.store(chunk(ref, k), value.astype(ref.dtype))
+    else:
+      plgpu.store(chunk(ref, k), value.astype(ref.dtype), mask=mask)
+
+  def load_row(k, write_h):
+    """Chunk k of the row to normalize, as float32 (h's, with a residual)."""
+    mask = masks(k)[0]
+    x = load(x_ref, k, mask).astype(jnp.float32)
+    if r_ref is None:
+      return x
+    h = x + load(r_ref, k, mask).astype(jnp.float32)
+    if write_h:
+      store(h_ref, k, h, mask)
+    return round_trip(h, r_ref.dtype, interpret)
 
   def write(k, x):
     mask, scale_mask = masks(k)
     y = x * rstd
+    if round_normalized:
+      y = round_trip(y, x_ref.dtype if r_ref is None else r_ref.dtype,
+                     interpret)
     if scale_ref is not None:
-      w = load(scale_ref, k, scale_mask)
+      w = load(scale_ref, k, scale_mask).astype(jnp.float32)
       y = y * (jnp.float32(offset) + w)[None, :]
-    y = y.astype(y_ref.dtype)
-    at = y_ref.at[:, pl.ds(k * block_cols, block_cols)]
-    if mask is None:
-      plgpu.store(at, y)
-    else:
-      plgpu.store(at, y, mask=mask)
+    store(y_ref, k, y, mask)
 
   if num_chunks == 1 or resident:
-    xs = [load(x_ref, k, masks(k)[0]) for k in range(num_chunks)]
+    xs = [load_row(k, write_h=True) for k in range(num_chunks)]
     sq = xs[0] * xs[0]
     for x in xs[1:]:
       sq = sq + x * x
   else:
     def sum_squares(k, acc):
-      x = load(x_ref, k, masks(k)[0])
+      x = load_row(k, write_h=True)
       return acc + x * x
     sq = jax.lax.fori_loop(0, num_chunks, sum_squares,
                            jnp.zeros(shape, jnp.float32))
   mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
   rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
+  if rstd_ref is not None:  # The same arithmetic, as a vector of rows.
+    rstd_rows = jax.lax.rsqrt(jnp.sum(sq, axis=1) / jnp.float32(n)
+                              + jnp.float32(eps))
+    row_ids = first_row + jax.lax.iota(jnp.int32, block_rows)
+    if need_rows:
+      plgpu.store(rstd_ref, rstd_rows, mask=row_ids < m)
+    else:
+      plgpu.store(rstd_ref, rstd_rows)
 
   if num_chunks == 1 or resident:
     for k, x in enumerate(xs):
@@ -92,10 +141,11 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
   else:
     @pl.loop(0, num_chunks)
     def _(k):
-      write(k, load(x_ref, k, masks(k)[0]))
+      write(k, load_row(k, write_h=False))
 
 
-def _check_supported(m: int, n: int, interpret: bool) -> None:
+def check_supported(m: int, n: int, interpret: bool) -> None:
+  """Raises NotImplementedError where the Pallas kernels cannot run."""
   if n > triton_config.MAX_COLS:
     raise NotImplementedError(
         f"rows of {n} elements exceed the kernel's limit of "
@@ -111,43 +161,71 @@ def _check_supported(m: int, n: int, interpret: bool) -> None:
         "interpret mode, or use implementation='xla'")
 
 
-def rms_norm_triton(x: jax.Array, scale: jax.Array | None, *, epsilon: float,
-                    scale_offset: float, interpret: bool = False,
-                    config: triton_config.Config | None = None) -> jax.Array:
-  """RMSNorm of validated, non-empty `x` over its last axis in one kernel.
+class ForwardOutputs(NamedTuple):
+  y: jax.Array
+  h: jax.Array | None     # x + residual, with a residual
+  rstd: jax.Array | None  # (rows,) float32, when asked for
+
+
+def forward(x: jax.Array, residual: jax.Array | None,
+            scale: jax.Array | None, *, epsilon: float, scale_offset: float,
+            out_dtype=None, cast_order: str = "float32",
+            save_rstd: bool = False, interpret: bool = False,
+            config: triton_config.Config | None = None) -> ForwardOutputs:
+  """RMSNorm of validated, non-empty `x` (plus `residual`) in one kernel.
 
   Raises NotImplementedError where the kernel cannot run (no CUDA GPU and no
   interpret mode, rows or arrays past the kernel's limits).
   """
   n = x.shape[-1]
   m = x.size // n
-  if scale is not None and scale.shape != (n,):  # Guards the kernel even
-    raise ValueError(f"{scale.shape=} must be ({n},)")  # with chex disabled.
-  _check_supported(m, n, interpret)
+  # Plain raises guard the kernel even with chex asserts disabled.
+  if scale is not None and scale.shape != (n,):
+    raise ValueError(f"{scale.shape=} must be ({n},)")
+  if residual is not None and residual.shape != x.shape:
+    raise ValueError(f"{residual.shape=} must equal {x.shape=}")
+  check_supported(m, n, interpret)
   if config is None:
     config = triton_config.get_config(m, n, x.dtype, platform.device_kind())
   num_chunks = config.num_chunks(n)
-  logger.debug("rms_norm triton forward: rows=%d n=%d dtype=%s %s", m, n,
-               x.dtype, config)
+  logger.debug("rms_norm triton forward: rows=%d n=%d dtype=%s residual=%s "
+               "%s", m, n, x.dtype, residual is not None, config)
+  norm_dtype = x.dtype if residual is None else residual.dtype
   block = (config.block_rows, config.block_cols * num_chunks)
-  in_specs = [pl.BlockSpec(block, lambda i: (i, 0))]
-  args = [x.reshape(m, n)]
+  row_block = pl.BlockSpec(block, lambda i: (i, 0))
+  args, in_specs = [x.reshape(m, n)], [row_block]
+  if residual is not None:
+    args.append(residual.reshape(m, n))
+    in_specs.append(row_block)
   if scale is not None:
-    in_specs.append(pl.BlockSpec(block[1:], lambda i: (0,)))
     args.append(scale)
+    in_specs.append(pl.BlockSpec(block[1:], lambda i: (0,)))
+  out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype or norm_dtype)]
+  out_specs = [row_block]
+  if residual is not None:
+    out_shape.append(jax.ShapeDtypeStruct((m, n), residual.dtype))
+    out_specs.append(row_block)
+  if save_rstd:
+    out_shape.append(jax.ShapeDtypeStruct((m,), jnp.float32))
+    out_specs.append(pl.BlockSpec(block[:1], lambda i: (i,)))
   kernel = functools.partial(
       _forward_kernel, n=n, m=m, eps=epsilon, offset=scale_offset,
-      has_scale=scale is not None, num_chunks=num_chunks,
-      resident=config.resident(n))
-  call = pl.pallas_call(
+      has_residual=residual is not None, has_scale=scale is not None,
+      save_rstd=save_rstd, round_normalized=cast_order == "hf",
+      num_chunks=num_chunks, resident=config.resident(n), interpret=interpret)
+  outs = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+      out_shape=out_shape,
       grid=(pl.cdiv(m, config.block_rows),),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec(block, lambda i: (i, 0)),
+      out_specs=out_specs,
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),
       interpret=interpret,
       name=KERNEL_NAME,
-  )
-  return call(*args).reshape(x.shape)
+  )(*args)
+  outs = list(outs)
+  y = outs.pop(0).reshape(x.shape)
+  h = outs.pop(0).reshape(x.shape) if residual is not None else None
+  rstd = outs.pop(0) if save_rstd else None
+  return ForwardOutputs(y, h, rstd)

@@ -18,6 +18,7 @@ import numpy as np
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16),
                     jnp.dtype(jnp.float32))
 IMPLEMENTATIONS = ("triton", "xla")
+CAST_ORDERS = ("float32", "hf")
 KERNEL_IMPLEMENTATIONS = ("triton",)
 
 
@@ -52,14 +53,21 @@ def static_float(name: str, value, *, positive: bool) -> float:
   return result
 
 
-def check_rms_norm_args(x, scale, epsilon, scale_offset):
-  """Validates the arguments of `rms_norm`; returns them canonicalized."""
+def check_args(x, residual, scale, epsilon, scale_offset, out_dtype,
+               cast_order):
+  """Validates the arguments of `rms_norm`/`add_rms_norm` (residual None for
+  the former); returns them canonicalized."""
   x = _as_float_array("x", x)
   if x.ndim < 1:
     raise ValueError(f"x must have at least one axis, got {x.shape=}")
   n = x.shape[-1]
   if n == 0:
     raise ValueError(f"the last axis of x must be non-empty, got {x.shape=}")
+  if residual is not None:
+    residual = _as_float_array("residual", residual)
+    if residual.shape != x.shape:
+      raise ValueError(f"residual must have x's shape {x.shape}, got "
+                       f"{residual.shape=}")
   if scale is not None:
     scale = _as_float_array("scale", scale)
     chex.assert_shape(
@@ -71,7 +79,18 @@ def check_rms_norm_args(x, scale, epsilon, scale_offset):
   if scale is None and scale_offset != 0.0:
     raise ValueError(f"{scale_offset=} needs a scale; with scale=None there "
                      "is no scaling")
-  return x, scale, epsilon, scale_offset
+  if out_dtype is not None:
+    try:
+      out_dtype = jnp.dtype(out_dtype)
+    except TypeError as e:
+      raise TypeError(f"out_dtype must be a dtype, got {out_dtype=}") from e
+    if out_dtype not in SUPPORTED_DTYPES:
+      raise TypeError(
+          f"{out_dtype=} is not supported; use one of "
+          f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} or None")
+  if not isinstance(cast_order, str) or cast_order not in CAST_ORDERS:
+    raise ValueError(f"unknown {cast_order=}; choose from {CAST_ORDERS}")
+  return x, residual, scale, epsilon, scale_offset, out_dtype, cast_order
 
 
 def canonicalize_implementation(implementation, interpret: bool

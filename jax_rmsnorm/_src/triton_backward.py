@@ -1,0 +1,204 @@
+"""The backward RMSNorm kernel: dx and per-program d(scale) partials in one
+pass, Pallas lowered through the Triton backend."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import triton_config
+from jax_rmsnorm._src import triton_forward
+
+logger = logging.getLogger("jax_rmsnorm")
+
+KERNEL_NAME = "jax_rmsnorm_bwd"
+
+
+def _backward_kernel(*refs, n: int, m: int, offset: float, has_dh: bool,
+                     has_scale: bool, round_normalized: bool, block_rows: int,
+                     num_chunks: int, steps: int, num_programs: int,
+                     prefetch: bool, interpret: bool):
+  """Program p handles the row blocks p, p + num_programs, ... (`steps` of
+  them) and keeps a float32 d(scale) partial sum in registers.
+
+  Refs: x, dy, [dh], [scale], rstd, dx, [dscale_partials]. x, dy, dh, dx and
+  rstd are whole arrays (padded in interpret mode, masked on the GPU). With
+  xhat = x * rstd and g = dy * (offset + scale):
+
+    dx = rstd * g - xhat * rstd * mean(g * xhat) [+ dh]
+    dscale = sum over rows of dy * xhat
+
+  xhat is rounded to x's dtype for dscale under the Hugging Face cast order
+  (the rounding itself passes gradients straight through, as in autodiff).
+  """
+  refs = list(refs)
+  x_ref, dy_ref = refs.pop(0), refs.pop(0)
+  dh_ref = refs.pop(0) if has_dh else None
+  scale_ref = refs.pop(0) if has_scale else None
+  rstd_ref, dx_ref = refs.pop(0), refs.pop(0)
+  dw_ref = refs.pop(0) if has_scale else None
+  block_cols = x_ref.shape[1] // num_chunks
+  shape = (block_rows, block_cols)
+  pid = pl.program_id(0)
+
+  def col_mask(k):
+    if (k + 1) * block_cols <= n:
+      return None
+    return k * block_cols + jax.lax.broadcasted_iota(jnp.int32, shape, 1) < n
+
+  def load_scale(k):
+    """offset + scale of chunk k as a (1, block_cols) row, re-read per row
+    block (an L1/L2 hit) rather than held in registers across the loop."""
+    at = scale_ref.at[pl.ds(k * block_cols, block_cols)]
+    if (k + 1) * block_cols <= n:
+      w = plgpu.load(at)
+    else:
+      w = plgpu.load(at, mask=k * block_cols
+                     + jax.lax.iota(jnp.int32, block_cols) < n, other=0.0)
+    return jnp.float32(offset) + w.astype(jnp.float32)[None, :]
+
+  def rows_of(t):
+    """First row, row ids and per-chunk masks of step t's row block."""
+    first_row = (t * num_programs + pid) * block_rows
+    row_ids = first_row + jax.lax.iota(jnp.int32, block_rows)
+    row_mask = (first_row + jax.lax.broadcasted_iota(jnp.int32, shape, 0)) < m
+    masks = [row_mask if col_mask(k) is None else row_mask & col_mask(k)
+             for k in range(num_chunks)]
+    return first_row, row_ids, masks
+
+  def at(ref, first_row, k):
+    return ref.at[pl.ds(first_row, block_rows),
+                  pl.ds(k * block_cols, block_cols)]
+
+  def load_block(t):
+    """x and dy (in their own dtypes) and rstd of step t's row block."""
+    first_row, row_ids, masks = rows_of(t)
+    xs = [plgpu.load(at(x_ref, first_row, k), mask=masks[k], other=0.0)
+          for k in range(num_chunks)]
+    dys = [plgpu.load(at(dy_ref, first_row, k), mask=masks[k], other=0.0)
+           for k in range(num_chunks)]
+    rstd = plgpu.load(rstd_ref.at[pl.ds(first_row, block_rows)],
+                      mask=row_ids < m, other=0.0)
+    return xs, dys, rstd
+
+  def compute(t, block, accs):
+    """Writes dx of step t's row block; returns the updated accumulators."""
+    first_row, _, masks = rows_of(t)
+    xs, dys, rstd = block
+    rstd = jax.lax.broadcast_in_dim(rstd, (block_rows, 1), (0,))
+    xhats = [x.astype(jnp.float32) * rstd for x in xs]
+    dys = [dy.astype(jnp.float32) for dy in dys]
+    if scale_ref is None:
+      gs = dys
+    else:
+      gs = [dy * load_scale(k) for k, dy in enumerate(dys)]
+    dot = jnp.sum(gs[0] * xhats[0], axis=1, keepdims=True)
+    for g, xhat in zip(gs[1:], xhats[1:]):
+      dot = dot + jnp.sum(g * xhat, axis=1, keepdims=True)
+    mean_gx = dot / jnp.float32(n)
+    for k in range(num_chunks):
+      dx = rstd * (gs[k] - xhats[k] * mean_gx)
+      if dh_ref is not None:
+        dx = dx + plgpu.load(at(dh_ref, first_row, k), mask=masks[k],
+                             other=0.0).astype(jnp.float32)
+      plgpu.store(at(dx_ref, first_row, k), dx.astype(dx_ref.dtype),
+                  mask=masks[k])
+    if scale_ref is None:
+      return accs
+    if round_normalized:
+      xhats = [triton_forward.round_trip(xh, x_ref.dtype, interpret)
+               for xh in xhats]
+    return tuple(acc + dy * xh for acc, dy, xh in zip(accs, dys, xhats))
+
+  accs = tuple(jnp.zeros(shape, jnp.float32)
+               for _ in range(num_chunks if scale_ref is not None else 0))
+  if prefetch:
+    # The loads of step t + 1 are issued before step t's reductions and
+    # stores, so a program keeps memory busy while it computes.
+    def step(t, carry):
+      accs, block = carry
+      upcoming = load_block(t + 1)
+      return compute(t, block, accs), upcoming
+    accs, _ = jax.lax.fori_loop(0, steps, step, (accs, load_block(0)))
+  else:
+    accs = jax.lax.fori_loop(
+        0, steps, lambda t, accs: compute(t, load_block(t), accs), accs)
+  for k, acc in enumerate(accs):
+    plgpu.store(dw_ref.at[:, pl.ds(k * block_cols, block_cols)],
+                jnp.sum(acc, axis=0, keepdims=True))
+
+
+def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
+             scale: jax.Array | None, rstd: jax.Array, *,
+             scale_offset: float, cast_order: str = "float32",
+             interpret: bool = False,
+             config: triton_config.Config | None = None
+             ) -> tuple[jax.Array, jax.Array | None]:
+  """Returns (dx in x's dtype, dscale in scale's dtype or None) in one kernel
+  plus a sum over the programs' float32 partials.
+
+  `x` is the normalized input (h for add_rms_norm), `rstd` its (rows,)
+  float32 statistics from the forward, `dh` an extra gradient added to dx.
+  Raises NotImplementedError where the kernel cannot run.
+  """
+  n = x.shape[-1]
+  m = x.size // n
+  triton_forward.check_supported(m, n, interpret)
+  if config is None:
+    config = triton_config.get_backward_config(m, n, x.dtype,
+                                               platform.device_kind())
+  num_chunks = config.num_chunks(n)
+  if not config.resident(n):
+    raise NotImplementedError(f"{config} does not hold rows of {n} in "
+                              "registers, which the backward kernel needs")
+  if not config.programs_per_sm:
+    raise ValueError(f"{config} needs programs_per_sm > 0 (persistent grid)")
+  num_programs = config.num_programs(m, platform.sm_count())
+  steps = pl.cdiv(pl.cdiv(m, config.block_rows), num_programs)
+  logger.debug("rms_norm triton backward: rows=%d n=%d dtype=%s programs=%d "
+               "%s", m, n, x.dtype, num_programs, config)
+  padded = (steps * num_programs * config.block_rows,
+            num_chunks * config.block_cols)
+  whole = pl.BlockSpec(padded, lambda p: (0, 0))
+  args, in_specs = [x.reshape(m, n), dy.reshape(m, n)], [whole, whole]
+  if dh is not None:
+    args.append(dh.reshape(m, n))
+    in_specs.append(whole)
+  if scale is not None:
+    args.append(scale)
+    in_specs.append(pl.BlockSpec(padded[1:], lambda p: (0,)))
+  args.append(rstd)
+  in_specs.append(pl.BlockSpec(padded[:1], lambda p: (0,)))
+  out_shape = [jax.ShapeDtypeStruct((m, n), x.dtype)]
+  out_specs = [whole]
+  if scale is not None:
+    out_shape.append(jax.ShapeDtypeStruct((num_programs, padded[1]),
+                                          jnp.float32))
+    out_specs.append(pl.BlockSpec((1, padded[1]), lambda p: (p, 0)))
+  kernel = functools.partial(
+      _backward_kernel, n=n, m=m, offset=scale_offset, has_dh=dh is not None,
+      has_scale=scale is not None, round_normalized=cast_order == "hf",
+      block_rows=config.block_rows, num_chunks=num_chunks, steps=steps,
+      num_programs=num_programs, prefetch=config.prefetch,
+      interpret=interpret)
+  outs = pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(num_programs,),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+      name=KERNEL_NAME,
+  )(*args)
+  dx = outs[0].reshape(x.shape)
+  if scale is None:
+    return dx, None
+  return dx, jnp.sum(outs[1], axis=0)[:n].astype(scale.dtype)

@@ -1,0 +1,246 @@
+"""Gradients of rms_norm and add_rms_norm, every implementation, against the
+float64 oracle; transforms; the backward kernel's paths and limits."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_rmsnorm
+from jax_rmsnorm._src import testing
+from jax_rmsnorm._src import triton_backward
+from jax_rmsnorm._src import triton_config
+from jax_rmsnorm._src import triton_forward
+from tests.conftest import (IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, ON_GPU,
+                            random_inputs)
+
+DTYPES = ["float32", "bfloat16", "float16"]
+# M = 1 and 13, N = 1 (dx is a difference of nearly equal terms), a prime N,
+# Qwen's 896, N = 5120 (padded to 8192), several leading axes.
+SHAPES = [(1, 1), (13, 1), (1, 5120), (13, 5120), (5, 1009), (2, 3, 896)]
+
+
+def _seed(*key) -> int:
+  return zlib.crc32(repr(key).encode())
+
+
+def _grads(impl, x, scale, dy, residual=None, dh=None, **kwargs):
+  """Gradients of <y, dy> (+ <h, dh>) in every array argument, under jit."""
+  name, interpret = impl
+  kwargs.update(implementation=name, interpret=interpret)
+
+  def loss(x, residual, scale):
+    if residual is None:
+      y = jax_rmsnorm.rms_norm(x, scale, **kwargs)
+      return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+    y, h = jax_rmsnorm.add_rms_norm(x, residual, scale, **kwargs)
+    return (jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+            + jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32)))
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, residual, scale)
+
+
+def assert_grads_close(dx, dscale, ref: testing.Grads, dtype, scale_dtype):
+  n = ref.dx.shape[-1]
+  rows = ref.dx.size // n
+  assert dx.dtype == jnp.dtype(dtype)
+  err = testing.relative_error(dx, ref.dx, ref.dx_size)
+  assert err <= testing.grad_tolerance(dtype, n), err
+  if ref.dscale is None:
+    assert dscale is None
+    return
+  assert dscale.dtype == jnp.dtype(scale_dtype)
+  err = testing.relative_error(dscale, ref.dscale)
+  assert err <= testing.scale_grad_tolerance(scale_dtype, rows, n), err
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rms_norm_grads_match_float64(impl, dtype, shape):
+  x, scale = random_inputs(_seed(shape, dtype), shape, dtype)
+  dy, _ = random_inputs(_seed(shape, dtype, "dy"), shape, dtype)
+  dx, _, dscale = _grads(impl, x, scale, dy)
+  assert_grads_close(dx, dscale, testing.oracle_grad(x, scale, dy), dtype,
+                     dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grad_options(impl, dtype):
+  """No scale; a float32 scale with low-precision x (Flax's param_dtype);
+  Gemma's offset; float32 out_dtype; the Hugging Face cast order."""
+  shape = (7, 1000)
+  x, scale32 = random_inputs(_seed("opt", dtype), shape, dtype, "float32")
+  dy, _ = random_inputs(_seed("opt-dy", dtype), shape, dtype)
+  dx, _, dscale = _grads(impl, x, None, dy)
+  assert_grads_close(dx, dscale, testing.oracle_grad(x, None, dy), dtype, None)
+
+  dx, _, dscale = _grads(impl, x, scale32, dy)
+  assert_grads_close(dx, dscale, testing.oracle_grad(x, scale32, dy), dtype,
+                     "float32")
+
+  dx, _, dscale = _grads(impl, x, scale32 - 1.0, dy, scale_offset=1.0,
+                         epsilon=1e-2)
+  ref = testing.oracle_grad(x, scale32 - 1.0, dy, epsilon=1e-2,
+                            scale_offset=1.0)
+  assert_grads_close(dx, dscale, ref, dtype, "float32")
+
+  dy32, _ = random_inputs(_seed("opt-dy32", dtype), shape, "float32")
+  dx, _, dscale = _grads(impl, x, scale32, dy32, out_dtype=jnp.float32)
+  assert_grads_close(dx, dscale, testing.oracle_grad(x, scale32, dy32),
+                     dtype, "float32")
+
+  dx, _, dscale = _grads(impl, x, scale32, dy, cast_order="hf")
+  ref = testing.oracle_grad(x, scale32, dy, round_normalized_to=dtype)
+  assert_grads_close(dx, dscale, ref, dtype, "float32")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype,res_dtype", [
+    ("bfloat16", "bfloat16"), ("float32", "float32"), ("float16", "float16"),
+    ("bfloat16", "float32")], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (13, 5120), (2, 3, 896)], ids=str)
+def test_add_rms_norm_grads_match_float64(impl, dtype, res_dtype, shape):
+  """d(x) = d(residual) = dh + the gradient through y, at h's value."""
+  x, scale = random_inputs(_seed("add", shape, dtype), shape, dtype, "float32")
+  residual, _ = random_inputs(_seed("res", shape), shape, res_dtype)
+  dy, _ = random_inputs(_seed("dy", shape), shape, res_dtype)
+  dh, _ = random_inputs(_seed("dh", shape), shape, res_dtype)
+  dx, dres, dscale = _grads(impl, x, scale, dy, residual=residual, dh=dh)
+  h = jax_rmsnorm.add_rms_norm(x, residual, implementation="xla")[1]
+  ref = testing.oracle_grad(h, scale, dy, dh=dh)
+  assert_grads_close(dres, dscale, ref, res_dtype, "float32")
+  assert_grads_close(dx, dscale, ref, dtype, "float32")
+
+
+def test_oracle_matches_jax_grad_in_float64():
+  """The numpy oracle's formulas agree with JAX's autodiff in float64."""
+  x, scale = random_inputs(11, (5, 300), "float32")
+  dy, _ = random_inputs(12, (5, 300), "float32")
+  dh, _ = random_inputs(13, (5, 300), "float32")
+  x, scale, dy, dh = (np.asarray(a, np.float64) for a in (x, scale, dy, dh))
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    def loss(x, w):
+      xhat = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+      return jnp.sum(xhat * (0.5 + w) * dy) + jnp.sum(x * dh)
+    dx, dw = jax.grad(loss, argnums=(0, 1))(x, scale)
+    dx, dw = np.asarray(dx), np.asarray(dw)
+  finally:
+    jax.config.update("jax_enable_x64", previous)
+  ref = testing.oracle_grad(x, scale, dy, scale_offset=0.5, dh=dh)
+  np.testing.assert_allclose(ref.dx, dx, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(ref.dscale, dw, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_transforms(impl):
+  """jit of grad, grad of jit, vmap of grad (batched scale too), remat."""
+  name, interpret = impl
+  norm = functools.partial(jax_rmsnorm.rms_norm, implementation=name,
+                           interpret=interpret)
+  x, scale = random_inputs(21, (3, 4, 896), "bfloat16", "float32")
+  dy, _ = random_inputs(22, (3, 4, 896), "bfloat16")
+
+  def loss(x, scale, dy):
+    return jnp.sum(norm(x, scale).astype(jnp.float32) * dy)
+
+  ref = testing.oracle_grad(x, scale, dy)
+  dx, dscale = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale, dy)
+  assert_grads_close(dx, dscale, ref, "bfloat16", "float32")
+  dx2, dscale2 = jax.grad(jax.jit(loss), argnums=(0, 1))(x, scale, dy)
+  np.testing.assert_array_equal(np.asarray(dx2), np.asarray(dx))
+  np.testing.assert_array_equal(np.asarray(dscale2), np.asarray(dscale))
+  dx3, dscale3 = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1)))(
+      x, scale, dy)
+  np.testing.assert_array_equal(np.asarray(dx3), np.asarray(dx))
+  np.testing.assert_array_equal(np.asarray(dscale3), np.asarray(dscale))
+
+  # vmap of grad, one scale per batch entry.
+  scales = jnp.stack([scale, 2 * scale, scale - 1])
+  dxs, dscales = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(
+      x, scales, dy)
+  for i in range(3):
+    ref = testing.oracle_grad(x[i], scales[i], dy[i])
+    assert_grads_close(dxs[i], dscales[i], ref, "bfloat16", "float32")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_grad_batch_invariance_and_determinism(impl):
+  """dx of a row does not depend on the batch around it; reruns agree
+  bitwise, d(scale) included (fixed programs, no atomics)."""
+  x, scale = random_inputs(31, (37, 5120), "bfloat16")
+  dy, _ = random_inputs(32, (37, 5120), "bfloat16")
+  dx, _, dscale = _grads(impl, x, scale, dy)
+  again = _grads(impl, x, scale, dy)
+  np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(dx))
+  np.testing.assert_array_equal(np.asarray(again[2]), np.asarray(dscale))
+  for rows in (slice(0, 1), slice(20, 23)):
+    part = _grads(impl, x[rows], scale, dy[rows])[0]
+    np.testing.assert_array_equal(np.asarray(part), np.asarray(dx[rows]))
+
+
+@pytest.mark.parametrize("interpret", [
+    pytest.param(True, id="interpret"),
+    pytest.param(False, id="gpu", marks=pytest.mark.skipif(
+        not ON_GPU, reason="compiled Pallas kernels need an NVIDIA GPU"))])
+@pytest.mark.parametrize("config", [
+    # Several rows a block, the last block partial; programs loop 3 times.
+    triton_config.Config(block_rows=4, block_cols=1024, num_warps=4,
+                         programs_per_sm=1),
+    triton_config.Config(block_rows=4, block_cols=1024, num_warps=4,
+                         programs_per_sm=1, prefetch=True),
+    # A row as 4 chunks of 256, the last one partial.
+    triton_config.Config(block_rows=2, block_cols=256, num_warps=2,
+                         programs_per_sm=2, prefetch=True),
+    # More programs than row blocks.
+    triton_config.Config(block_rows=1, block_cols=1024, num_warps=4,
+                         programs_per_sm=64),
+], ids=str)
+def test_backward_kernel_configs(config, interpret):
+  """Each path of the backward kernel at a non-power-of-two width, with the
+  row count not a multiple of the rows a step covers, with and without dh."""
+  x, scale = random_inputs(41, (23, 1000), "float32")
+  dy, _ = random_inputs(42, (23, 1000), "float32")
+  dh, _ = random_inputs(43, (23, 1000), "float32")
+  rstd = triton_forward.forward(x, None, scale, epsilon=1e-6,
+                                scale_offset=0.0, save_rstd=True,
+                                interpret=True).rstd
+  for extra in (None, dh):
+    dx, dscale = jax.jit(functools.partial(
+        triton_backward.backward, scale_offset=0.0, interpret=interpret,
+        config=config))(x, dy, extra, scale, rstd)
+    ref = testing.oracle_grad(x, scale, dy, dh=extra)
+    assert_grads_close(dx, dscale, ref, "float32", "float32")
+
+
+def test_backward_heuristic_is_pure_and_batch_independent():
+  for n in (1, 7, 896, 5120, 14336, 16384):
+    for dtype in DTYPES:
+      configs = {triton_config.get_backward_config(m, n, dtype)
+                 for m in (1, 13, 4096)}
+      assert len(configs) == 1, (n, dtype, configs)
+      (config,) = configs
+      assert config.programs_per_sm > 0 and config.resident(n)
+
+
+def test_rows_too_long_for_the_backward_use_the_reference_gradient(caplog):
+  shape = (2, triton_config.MAX_ONE_PASS_COLS + 3)
+  x, scale = random_inputs(51, shape, "float32")
+  dy, _ = random_inputs(52, shape, "float32")
+  with caplog.at_level(logging.DEBUG, logger="jax_rmsnorm"):
+    dx, _, dscale = _grads(("triton", True), x, scale, dy)
+  assert "using the reference's gradient" in caplog.text
+  assert_grads_close(dx, dscale, testing.oracle_grad(x, scale, dy), "float32",
+                     "float32")
+  with pytest.raises(NotImplementedError, match="limit"):
+    triton_backward.backward(x, dy, None, scale, jnp.ones(shape[:1]),
+                             scale_offset=0.0, interpret=True)
