@@ -1,15 +1,18 @@
-"""Sweeps launch configurations of the Triton forward kernel on one GPU.
+"""Sweeps launch configurations of the Triton kernels on one GPU.
 
 Each (M, N, dtype) of the sweep is checked against the float64 oracle and
-timed with CUPTI beside XLA's fused reference and XLA's copy, in the same run.
-The best configurations feed `triton_config.get_config` by hand.
+timed with CUPTI beside XLA (the fused reference, or its autodiff for the
+backward) and XLA's copy, in the same run. The best configurations feed
+`triton_config.get_config` / `get_backward_config` by hand.
 
   python -m benchmarks.tune_triton --out /tmp/tune.json
+  python -m benchmarks.tune_triton --sweep backward --out /tmp/tune_bwd.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -20,6 +23,7 @@ import jax
 from jax_rmsnorm._src import bench
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import testing
+from jax_rmsnorm._src import triton_backward
 from jax_rmsnorm._src import triton_config
 from jax_rmsnorm._src import triton_forward
 
@@ -51,7 +55,23 @@ CHUNK_SWEEP = (
     (8192, 5120, "float32"), (16384, 8192, "float32"),
     (16384, 8192, "bfloat16"), (32768, 4096, "bfloat16"),
 )
-SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP}
+# The backward: the large anchors plus decode and mid sizes.
+BACKWARD_SWEEP = (
+    (16384, 8192, "bfloat16"), (4096, 14336, "bfloat16"),
+    (16384, 8192, "float32"), (8192, 5120, "float32"),
+    (32768, 4096, "bfloat16"), (8192, 5120, "bfloat16"),
+    (65536, 896, "bfloat16"), (4096, 14336, "float32"),
+    (2048, 4096, "bfloat16"), (16, 4096, "bfloat16"), (1, 8192, "bfloat16"),
+)
+# The backward at few rows, where the partials of d(scale) weigh.
+BACKWARD_SMALL_SWEEP = (
+    (128, 14336, "bfloat16"), (256, 4096, "bfloat16"), (16, 4096, "bfloat16"),
+    (1, 8192, "bfloat16"), (256, 4096, "float32"), (16, 4096, "float32"),
+    (2048, 4096, "bfloat16"), (4096, 2048, "bfloat16"),
+    (512, 14336, "bfloat16"), (1024, 8192, "bfloat16"),
+)
+SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
+          "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP}
 
 
 def candidates(n: int):
@@ -73,6 +93,56 @@ def candidates(n: int):
     chunk *= 2
 
 
+def backward_candidates(m: int, n: int, dtype: str):
+  base = triton_config.get_backward_config(m, n, dtype)
+  cols = triton_config.next_power_of_2(n)
+  widths = sorted({cols} | {w for w in (2048,) if n >= 4096 and w < cols})
+  warps = (4, 8) if cols <= 1024 else (8, 16, 32)
+  per_sm = (4, 8) if cols <= 1024 else (1, 2)
+  for width, w, p, prefetch in itertools.product(widths, warps, per_sm,
+                                                 (False, True)):
+    if base.block_rows * width >= 32 * w:
+      yield dataclasses.replace(base, block_cols=width, num_warps=w,
+                                programs_per_sm=p, prefetch=prefetch)
+
+
+def backward_small_candidates(m: int, n: int, dtype: str):
+  base = triton_config.get_backward_config(m, n, dtype)
+  for blocks, prefetch in itertools.product((1, 2, 4, 8), (False, True)):
+    yield dataclasses.replace(base, min_blocks_per_program=blocks,
+                              prefetch=prefetch)
+
+
+def _backward_row(m, n, dtype, iterations, candidates=backward_candidates):
+  x, scale = testing.random_inputs(0, (m, n), dtype)
+  dy, _ = testing.random_inputs(1, (m, n), dtype)
+  ref = testing.oracle_grad(x, scale, dy)
+  tols = (testing.grad_tolerance(dtype, n),
+          testing.scale_grad_tolerance(scale.dtype, m, n))
+  rstd = jax.jit(lambda a, s: triton_forward.forward(
+      a, None, s, epsilon=1e-6, scale_offset=0.0, save_rstd=True).rstd)(
+          x, scale)
+  row = dict(m=m, n=n, dtype=dtype,
+             copy_us=bench.measure_us(jax.jit(lambda a: a * 2), x),
+             xla_us=bench.measure_us(jax.jit(bench.xla_backward), x, scale, dy),
+             default=str(triton_config.get_backward_config(m, n, dtype)),
+             configs=[])
+  for cfg in candidates(m, n, dtype):
+    fn = jax.jit(functools.partial(triton_backward.backward, scale_offset=0.0,
+                                   config=cfg))
+    try:
+      dx, ds = fn(x, dy, None, scale, rstd)
+      err = max(testing.relative_error(dx, ref.dx, ref.dx_size) - tols[0],
+                testing.relative_error(ds, ref.dscale) - tols[1])
+      us = bench.measure_us(fn, x, dy, None, scale, rstd,
+                            iterations=iterations)
+    except Exception as e:  # pylint: disable=broad-except
+      row["configs"].append(dict(config=str(cfg), error=repr(e)[:300]))
+      continue
+    row["configs"].append(dict(config=str(cfg), us=us, max_excess=err))
+  return row
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--out", default="tune.json")
@@ -81,42 +151,48 @@ def main(argv=None):
   args = parser.parse_args(argv)
   results = []
   for m, n, dtype in SWEEPS[args.sweep]:
-    x, scale = testing.random_inputs(0, (m, n), dtype)
-    ref64 = testing.oracle(x, scale)
-    xla = jax.jit(functools.partial(reference.rms_norm_reference,
-                                    epsilon=1e-6))
-    row = dict(m=m, n=n, dtype=dtype,
-               copy_us=bench.measure_us(jax.jit(lambda a: a * 2), x),
-               xla_us=bench.measure_us(xla, x, scale),
-               default=str(triton_config.get_config(m, n, dtype)),
-               configs=[])
-    for cfg in candidates(n):
-      fn = jax.jit(functools.partial(
-          triton_forward.rms_norm_triton, epsilon=1e-6, scale_offset=0.0,
-          config=cfg))
-      try:
-        err, _ = testing.worst_excess(fn(x, scale), ref64, dtype, n)
-        us = bench.measure_us(fn, x, scale, iterations=args.iterations)
-      except Exception as e:  # pylint: disable=broad-except
-        row["configs"].append(dict(config=str(cfg), error=repr(e)[:300]))
-        continue
-      row["configs"].append(dict(
-          config=str(cfg), us=us, max_excess=err, block_rows=cfg.block_rows,
-          block_cols=cfg.block_cols, num_warps=cfg.num_warps,
-          num_stages=cfg.num_stages))
+    if args.sweep == "backward":
+      row = _backward_row(m, n, dtype, args.iterations)
+    elif args.sweep == "backward-small":
+      row = _backward_row(m, n, dtype, args.iterations,
+                          backward_small_candidates)
+    else:
+      row = _forward_row(m, n, dtype, args.iterations)
     ok = [c for c in row["configs"] if "us" in c]
     ok.sort(key=lambda c: c["us"])
     best = ok[0] if ok else None
     print(f"{dtype:9s} {m:6d}x{n:<6d} copy {row['copy_us']:8.1f} xla "
           f"{row['xla_us']:8.1f} best {best and best['us']:8.1f} "
           f"{best and best['config']} err {best and best['max_excess']:.2e}"
-          f" | top: {[ (c['block_rows'], c['num_warps'], c['block_cols'], c['num_stages'], round(c['us'],1)) for c in ok[:5]]}",
+          f" | next: {[(c['config'], round(c['us'], 1)) for c in ok[1:4]]}",
           flush=True)
     results.append(row)
     with open(args.out, "w") as f:
       json.dump(dict(card=jax.devices()[0].device_kind, jax=jax.__version__,
                      results=results), f, indent=1)
   return 0
+
+
+def _forward_row(m, n, dtype, iterations):
+  x, scale = testing.random_inputs(0, (m, n), dtype)
+  ref64 = testing.oracle(x, scale)
+  xla = jax.jit(functools.partial(reference.rms_norm_reference, epsilon=1e-6))
+  row = dict(m=m, n=n, dtype=dtype,
+             copy_us=bench.measure_us(jax.jit(lambda a: a * 2), x),
+             xla_us=bench.measure_us(xla, x, scale),
+             default=str(triton_config.get_config(m, n, dtype)),
+             configs=[])
+  for cfg in candidates(n):
+    fn = jax.jit(lambda a, s, cfg=cfg: triton_forward.forward(
+        a, None, s, epsilon=1e-6, scale_offset=0.0, config=cfg).y)
+    try:
+      err, _ = testing.worst_excess(fn(x, scale), ref64, dtype, n)
+      us = bench.measure_us(fn, x, scale, iterations=iterations)
+    except Exception as e:  # pylint: disable=broad-except
+      row["configs"].append(dict(config=str(cfg), error=repr(e)[:300]))
+      continue
+    row["configs"].append(dict(config=str(cfg), us=us, max_excess=err))
+  return row
 
 
 if __name__ == "__main__":
