@@ -1,0 +1,45 @@
+"""What the nnx and linen layers share: the checks of flax's options and the
+dtype rules of flax's RMSNorm, mapped onto rms_norm's arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+
+def check_supported_options(x, *, reduction_axes, feature_axes, axis_name,
+                            axis_index_groups, mask) -> None:
+  """Raises NotImplementedError naming any option the kernel cannot honour."""
+  last = (x.ndim - 1,)
+  for name, axes in (("reduction_axes", reduction_axes),
+                     ("feature_axes", feature_axes)):
+    axes = tuple(axes) if isinstance(axes, Sequence) else (axes,)
+    if tuple(a % x.ndim for a in axes) != last:
+      raise NotImplementedError(
+          f"{name}={axes!r}: jax_rmsnorm normalizes over the last axis only "
+          "(-1); use flax's RMSNorm for other axes")
+  if axis_name is not None or axis_index_groups is not None:
+    raise NotImplementedError(
+        f"axis_name={axis_name!r}, axis_index_groups={axis_index_groups!r}: "
+        "cross-device statistics (pmap/shard_map collectives) are not "
+        "supported; under jit, sharded inputs need no axis_name")
+  if mask is not None:
+    raise NotImplementedError("mask: masked statistics are not supported")
+
+
+def result_dtype(x, scale, dtype):
+  """flax's output dtype: `dtype`, else x's and the scale's promoted."""
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  return jnp.result_type(x) if scale is None else jnp.result_type(x, scale)
+
+
+def narrowed(value, dtype):
+  """`value` cast to `dtype` where that rounds it (flax computes in `dtype`);
+  widening casts are skipped: they are exact, and the kernel reads the
+  narrower array for less."""
+  dtype = jnp.dtype(dtype)
+  if value is None or jnp.finfo(value.dtype).bits <= jnp.finfo(dtype).bits:
+    return value
+  return value.astype(dtype)
