@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jax_rmsnorm
+from jax_rmsnorm._src import shapes
 from jax_rmsnorm._src import testing
 from tests.conftest import (IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, ON_GPU,
                             assert_close, oracle, random_inputs)
@@ -141,3 +142,14 @@ def test_add_rms_norm_zero_rows(impl):
   y, h = _fn(impl)(x, x.astype(jnp.float32), jnp.ones(128))
   assert y.shape == h.shape == x.shape
   assert y.dtype == h.dtype == jnp.float32
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled Pallas kernels need an "
+                    "NVIDIA GPU")
+@pytest.mark.parametrize("m,n,dtype", shapes.BENCHMARK_SHAPES,
+                         ids=lambda v: str(v))
+def test_benchmark_shapes_compiled_add(m, n, dtype):
+  x, residual, scale = _inputs((m, n), dtype, dtype, dtype)
+  y, h = _fn(("triton", False))(x, residual, scale)
+  np.testing.assert_array_equal(np.asarray(h), _h_exact(x, residual))
+  assert_close(y, oracle(h, scale), dtype, n)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jax_rmsnorm
+from jax_rmsnorm._src import shapes
 from jax_rmsnorm._src import testing
 from jax_rmsnorm._src import triton_backward
 from jax_rmsnorm._src import triton_config
@@ -244,3 +245,15 @@ def test_rows_too_long_for_the_backward_use_the_reference_gradient(caplog):
   with pytest.raises(NotImplementedError, match="limit"):
     triton_backward.backward(x, dy, None, scale, jnp.ones(shape[:1]),
                              scale_offset=0.0, interpret=True)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled Pallas kernels need an "
+                    "NVIDIA GPU")
+@pytest.mark.parametrize("m,n,dtype", shapes.BENCHMARK_SHAPES,
+                         ids=lambda v: str(v))
+def test_benchmark_shapes_compiled_backward(m, n, dtype):
+  x, scale = random_inputs(m * 7 + n, (m, n), dtype)
+  dy, _ = random_inputs(m * 7 + n + 1, (m, n), dtype)
+  dx, _, dscale = _grads(("triton", False), x, scale, dy)
+  assert_grads_close(dx, dscale, testing.oracle_grad(x, scale, dy), dtype,
+                     dtype)
