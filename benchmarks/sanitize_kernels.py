@@ -7,14 +7,11 @@ compute-sanitizer (memcheck, racecheck). Exit status 1 on a wrong result.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import jax
-import jax.numpy as jnp
 
-from jax_rmsnorm._src import api
-from jax_rmsnorm._src import testing
+from jax_rmsnorm._src import bench
 from jax_rmsnorm._src import triton_config
 
 # (M, N, dtype): M = 13 with Qwen's 896 and 5120 (padded to 8192), the
@@ -25,31 +22,8 @@ SHAPES = [(13, 896, "bfloat16"), (13, 5120, "float32"), (13, 5120, "float16"),
 
 
 def check(m: int, n: int, dtype: str, interpret: bool = False) -> bool:
-  kernel = dict(implementation="triton", interpret=interpret)
-  x, scale = testing.random_inputs(m + n, (m, n), dtype, "float32")
-  other, _ = testing.random_inputs(m + n + 1, (m, n), dtype)
-  y = jax.jit(functools.partial(api.rms_norm, **kernel))(x, scale)
-  worst = testing.worst_excess(y, testing.oracle(x, scale), dtype, n)[0]
-  y, h = jax.jit(functools.partial(api.add_rms_norm, **kernel))(
-      x, other, scale)
-  worst = max(worst, testing.worst_excess(y, testing.oracle(h, scale), dtype,
-                                          n)[0])
-
-  def loss(x, r, s):
-    y, h = api.add_rms_norm(x, r, s, **kernel)
-    return jnp.sum(y.astype(jnp.float32) * other.astype(jnp.float32)
-                   + h.astype(jnp.float32))
-
-  dx, dr, ds = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, other, scale)
-  ref = testing.oracle_grad(h, scale, other, dh=jnp.ones_like(h))
-  errors = (testing.relative_error(dr, ref.dx, ref.dx_size)
-            - testing.grad_tolerance(dtype, n),
-            testing.relative_error(dx, ref.dx, ref.dx_size)
-            - testing.grad_tolerance(dtype, n),
-            testing.relative_error(ds, ref.dscale)
-            - testing.scale_grad_tolerance("float32", m, n))
-  worst = max(worst, *errors)
-  print(f"{dtype:9s} {m:3d} x {n:<8d} forward, add+norm, backward: "
+  worst = bench.check_all_ops((m, n), dtype, interpret=interpret)
+  print(f"{dtype:9s} {m:3d} x {n:<8d} forward, add+norm, both backwards: "
         f"{'ok' if worst <= 0 else 'FAILED'} ({worst:.2e})", flush=True)
   return worst <= 0
 

@@ -133,7 +133,7 @@ def _backward_row(m, n, dtype, iterations, candidates=backward_candidates):
     try:
       dx, ds = fn(x, dy, None, scale, rstd)
       err = max(testing.relative_error(dx, ref.dx, ref.dx_size) - tols[0],
-                testing.relative_error(ds, ref.dscale) - tols[1])
+                testing.relative_error(ds, ref.dscale, ref.dscale_size) - tols[1])
       us = bench.measure_us(fn, x, dy, None, scale, rstd,
                             iterations=iterations)
     except Exception as e:  # pylint: disable=broad-except

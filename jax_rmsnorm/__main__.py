@@ -10,7 +10,6 @@ check fails.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 
 import jax
@@ -28,40 +27,14 @@ CHECK_SHAPES = [((1, 1), "float32"), ((5, 7), "bfloat16"),
                 ((2, 16411), "float32")]
 
 
-def _check_one(shape, dtype, interpret) -> float:
-  """Worst excess over the bounds of y, (y, h) and (dx, dscale); <= 0: ok."""
-  n = shape[-1]
-  kernel = dict(implementation="triton", interpret=interpret)
-  x, scale = testing.random_inputs(len(shape) * n, shape, dtype, "float32")
-  other, _ = testing.random_inputs(len(shape) * n + 1, shape, dtype)
-  y = jax.jit(functools.partial(api.rms_norm, **kernel))(x, scale)
-  worst = testing.worst_excess(y, testing.oracle(x, scale), dtype, n)[0]
-  y, h = jax.jit(functools.partial(api.add_rms_norm, **kernel))(
-      x, other, scale)
-  worst = max(worst, testing.worst_excess(y, testing.oracle(h, scale), dtype,
-                                          n)[0])
-
-  def loss(x, scale):
-    y = api.rms_norm(x, scale, **kernel)
-    return jax.numpy.sum(y.astype("float32") * other.astype("float32"))
-
-  dx, dscale = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale)
-  ref = testing.oracle_grad(x, scale, other)
-  rows = x.size // n
-  return max(worst,
-             testing.relative_error(dx, ref.dx, ref.dx_size)
-             - testing.grad_tolerance(dtype, n),
-             testing.relative_error(dscale, ref.dscale)
-             - testing.scale_grad_tolerance("float32", rows, n))
-
-
 def self_check(interpret: bool) -> bool:
   ok = True
   for shape, dtype in CHECK_SHAPES:
-    excess = _check_one(shape, dtype, interpret)
+    excess = bench.check_all_ops(shape, dtype, interpret=interpret)
     ok &= excess <= 0
     print(f"  {dtype:9s} {str(shape):12s} "
-          f"{'ok' if excess <= 0 else 'FAILED'} (forward, add+norm, grads; "
+          f"{'ok' if excess <= 0 else 'FAILED'} (forward, add+norm, both "
+          f"backwards; "
           f"worst excess over the bounds {excess:.2e})")
   return ok
 

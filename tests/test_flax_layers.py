@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax
 from flax import linen as nn
 from flax import nnx
 
@@ -148,3 +149,37 @@ def test_mask_and_bad_input_say_so():
     layer(jnp.ones((2, N), jnp.int32))
   with pytest.raises(ValueError, match="scale must have shape"):
     layer(jnp.ones((2, N + 1)))
+
+
+LAYER_BAD = [
+    ("x of rank 0", jnp.float32(1.0), ValueError, "at least one axis"),
+    ("x a list", [[1.0] * N], TypeError, "x must be a jax.Array"),
+    ("x float64", np.ones((2, N)), TypeError, "x.dtype=float64"),
+    ("x complex", jnp.ones((2, N), jnp.complex64), TypeError,
+     "x must be a floating-point"),
+    ("wrong width", jnp.ones((2, N - 1)), ValueError, "scale must have shape"),
+]
+
+
+@pytest.mark.parametrize("desc,x,exc,fragment", LAYER_BAD,
+                         ids=[b[0] for b in LAYER_BAD])
+def test_layers_refuse_bad_input_clearly(desc, x, exc, fragment):
+  with pytest.raises(exc, match=fragment):
+    jax_rmsnorm.nnx.RMSNorm(N, rngs=nnx.Rngs(0))(x)
+  # linen checks a stored parameter's shape itself, as for flax's layer.
+  linen_exc = flax.errors.ScopeParamShapeError if desc == "wrong width" else exc
+  with pytest.raises(linen_exc, match="scale" if desc == "wrong width"
+                     else fragment):
+    jax_rmsnorm.linen.RMSNorm().apply(
+        {"params": {"scale": jnp.ones(N)}}, x)
+  with pytest.raises(TypeError, match="out_dtype"):
+    jax_rmsnorm.nnx.RMSNorm(N, dtype=jnp.int32, rngs=nnx.Rngs(0))(
+        jnp.ones((2, N)))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_layers_take_zero_rows(impl):
+  x = jnp.zeros((0, 3, N), jnp.bfloat16)
+  y = jax_rmsnorm.nnx.RMSNorm(N, rngs=nnx.Rngs(0), implementation=impl[0],
+                              interpret=impl[1])(x)
+  assert y.shape == x.shape and y.dtype == jnp.float32  # promoted, as flax

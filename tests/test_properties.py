@@ -84,7 +84,7 @@ def test_backward_matches_oracle(problem):
   ref = testing.oracle_grad(x, scale, dy)
   assert testing.relative_error(dx, ref.dx, ref.dx_size) <= (
       testing.grad_tolerance(dtype, n))
-  assert testing.relative_error(dscale, ref.dscale) <= (
+  assert testing.relative_error(dscale, ref.dscale, ref.dscale_size) <= (
       testing.scale_grad_tolerance("float32", m, n))
 
 

@@ -44,7 +44,8 @@ def _dispatch(x, residual, scale, *, epsilon, scale_offset, out_dtype,
     return jnp.zeros(x.shape, out_dtype or norm_dtype), h
   opts = vjp.Options(epsilon=epsilon, scale_offset=scale_offset,
                      out_dtype=out_dtype, cast_order=cast_order,
-                     interpret=bool(interpret), x_dtype=x.dtype)
+                     interpret=bool(interpret), x_dtype=x.dtype,
+                     fallback=fallback)
   for i, name in enumerate(names):
     try:
       return _run(name, x, residual, scale, opts)
@@ -79,7 +80,8 @@ _ARGS_DOC = """
   Gradients: differentiable in every array argument (jit, vmap, remat). With
   the kernel, the forward saves a float32 rstd per row and one backward kernel
   computes dx and float32 per-program partial sums of d(scale); rows longer
-  than the backward kernel holds use the reference's gradient (DEBUG log).
+  than the backward kernel holds (16384) use the reference's gradient (DEBUG
+  log), or raise NotImplementedError when "triton" was named alone.
   The "xla" implementation is differentiated by JAX's autodiff.
 
   Raises:

@@ -8,6 +8,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_rmsnorm._src import api
@@ -120,7 +121,7 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
             testing.scale_grad_tolerance(scale.dtype, m, n))
     def excess(out):
       errs = (testing.relative_error(out[0], ref.dx, ref.dx_size),
-              testing.relative_error(out[1], ref.dscale))
+              testing.relative_error(out[1], ref.dscale, ref.dscale_size))
       return max(e - t for e, t in zip(errs, tols))
     def make(name):
       if name == "xla":
@@ -144,6 +145,56 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
                 f"{name}_xla_ratio": xla_us / us,
                 f"{name}_max_excess": worst, f"{name}_ok": worst <= 0})
   return row
+
+
+def check_all_ops(shape, dtype: str, *, interpret: bool = False) -> float:
+  """Worst excess over the error bounds (<= 0: every check passed) of the
+  Pallas kernels at one shape: rms_norm; add_rms_norm's y and h; gradients
+  of rms_norm (dx, dscale) and of add_rms_norm with an upstream dh (dx,
+  dresidual, dscale). For the main job's self-check and the sanitizer run."""
+  n = shape[-1]
+  rows = math.prod(shape) // n
+  kernel = dict(implementation="triton", interpret=interpret)
+  x, scale = testing.random_inputs(len(shape) * n, shape, dtype, "float32")
+  other, _ = testing.random_inputs(len(shape) * n + 1, shape, dtype)
+  y = jax.jit(functools.partial(api.rms_norm, **kernel))(x, scale)
+  worst = testing.worst_excess(y, testing.oracle(x, scale), dtype, n)[0]
+  y, h = jax.jit(functools.partial(api.add_rms_norm, **kernel))(
+      x, other, scale)
+  worst = max(worst, testing.worst_excess(y, testing.oracle(h, scale), dtype,
+                                          n)[0])
+  if not np.array_equal(np.asarray(h), np.asarray(
+      reference.residual_add(x, other))):
+    return np.inf
+
+  def grad_excess(got_dx, dscale, ref):
+    return max(testing.relative_error(got_dx, ref.dx, ref.dx_size)
+               - testing.grad_tolerance(dtype, n),
+               testing.relative_error(dscale, ref.dscale, ref.dscale_size)
+               - testing.scale_grad_tolerance("float32", rows, n))
+
+  # Gradients: rows past the backward kernel's limit take the reference's
+  # gradient (the forward above is the kernel's, strictly).
+  grad_kernel = dict(implementation=("triton", "xla"), interpret=interpret)
+
+  def norm_loss(x, s):
+    y = api.rms_norm(x, s, **grad_kernel)
+    return jnp.sum(y.astype(jnp.float32) * other.astype(jnp.float32))
+
+  dx, dscale = jax.jit(jax.grad(norm_loss, argnums=(0, 1)))(x, scale)
+  worst = max(worst, grad_excess(dx, dscale,
+                                 testing.oracle_grad(x, scale, other)))
+
+  def add_loss(x, r, s):
+    y, h = api.add_rms_norm(x, r, s, **grad_kernel)
+    return jnp.sum(y.astype(jnp.float32) * other.astype(jnp.float32)
+                   + h.astype(jnp.float32))
+
+  dx, dres, dscale = jax.jit(jax.grad(add_loss, argnums=(0, 1, 2)))(
+      x, other, scale)
+  ref = testing.oracle_grad(h, scale, other, dh=np.ones(shape))
+  return max(worst, grad_excess(dx, dscale, ref),
+             grad_excess(dres, dscale, ref))
 
 
 def summarize(rows: list[dict], impl: str = "triton") -> dict:

@@ -7,10 +7,16 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
+from jax_rmsnorm._src import validation
+
 
 def check_supported_options(x, *, reduction_axes, feature_axes, axis_name,
                             axis_index_groups, mask) -> None:
-  """Raises NotImplementedError naming any option the kernel cannot honour."""
+  """Raises NotImplementedError naming any option the kernel cannot honour
+  (after the checks of x that the options' meaning depends on)."""
+  x = validation.as_float_array("x", x)
+  if x.ndim < 1:
+    raise ValueError(f"x must have at least one axis, got {x.shape=}")
   last = (x.ndim - 1,)
   for name, axes in (("reduction_axes", reduction_axes),
                      ("feature_axes", feature_axes)):
@@ -31,6 +37,9 @@ def check_supported_options(x, *, reduction_axes, feature_axes, axis_name,
 def result_dtype(x, scale, dtype):
   """flax's output dtype: `dtype`, else x's and the scale's promoted."""
   if dtype is not None:
+    if jnp.dtype(dtype) not in validation.SUPPORTED_DTYPES:
+      raise TypeError(f"out_dtype (the layer's dtype={dtype!r}) is not "
+                      "supported; use float16, bfloat16, float32 or None")
     return jnp.dtype(dtype)
   return jnp.result_type(x) if scale is None else jnp.result_type(x, scale)
 

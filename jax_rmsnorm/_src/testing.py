@@ -63,6 +63,9 @@ class Grads(NamedTuple):
   dx: np.ndarray
   dscale: np.ndarray | None
   dx_size: float  # ||rstd * g||: the size of dx's terms before they cancel.
+  # ||sum over rows of |dy * xhat| ||: the size of dscale's terms; the sum of
+  # terms of both signs can cancel far below it.
+  dscale_size: float = 0.0
 
 
 def oracle_grad(x, scale, dy, epsilon=1e-6, scale_offset=0.0,
@@ -94,8 +97,10 @@ def oracle_grad(x, scale, dy, epsilon=1e-6, scale_offset=0.0,
   if round_normalized_to is not None:
     xhat = np.asarray(jnp.asarray(xhat, jnp.float32).astype(
         round_normalized_to), np.float64)
-  dscale = np.sum((dyf * xhat).reshape(-1, xf.shape[-1]), axis=0)
-  return Grads(dx, dscale, float(size))
+  terms = (dyf * xhat).reshape(-1, xf.shape[-1])
+  dscale = np.sum(terms, axis=0)
+  return Grads(dx, dscale, float(size),
+               float(np.linalg.norm(np.sum(np.abs(terms), axis=0))))
 
 
 def grad_tolerance(dtype, n: int) -> float:
@@ -110,11 +115,12 @@ def grad_tolerance(dtype, n: int) -> float:
 
 
 def scale_grad_tolerance(scale_dtype, rows: int, n: int) -> float:
-  """Bound on ||dscale - ref|| / ||ref||, looser than dx's: each element sums
-  `rows` float32 products whose signs vary, so the sum (~sqrt(rows) terms'
-  size) is small next to the partial sums it rounds along the way: a random
-  walk of relative size sqrt(rows) 2**-24. xhat carries tolerance(n)'s
-  per-row error into every term. Rounded once to scale's dtype at the end.
+  """Bound on ||dscale - ref|| / max(||ref||, dscale_size), looser than dx's:
+  each element sums `rows` float32 products of both signs; the rounding
+  errors of the partial sums are a random walk of relative size
+  sqrt(rows) 2**-24 of the terms' total size (`Grads.dscale_size`), which the
+  sum itself can fall far below. xhat carries tolerance(n)'s per-row error
+  into every term. Rounded once to scale's dtype at the end.
   """
   return (float(jnp.finfo(scale_dtype).eps)
           + 4 * (math.sqrt(n) + math.sqrt(rows)) * 2.0**-24)

@@ -187,17 +187,10 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
       block_rows=config.block_rows, num_chunks=num_chunks, steps=steps,
       num_programs=num_programs, prefetch=config.prefetch,
       interpret=interpret)
-  outs = pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=(num_programs,),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                           num_stages=config.num_stages),
-      interpret=interpret,
-      name=KERNEL_NAME,
-  )(*args)
+  outs = triton_forward.launch(
+      kernel, name=KERNEL_NAME, config=config, grid=(num_programs,),
+      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      interpret=interpret)(*args)
   dx = outs[0].reshape(x.shape)
   if scale is None:
     return dx, None

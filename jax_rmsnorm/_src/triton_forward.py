@@ -161,6 +161,22 @@ def check_supported(m: int, n: int, interpret: bool) -> None:
         "interpret mode, or use implementation='xla'")
 
 
+def launch(kernel, *, name: str, config: triton_config.Config, grid,
+           in_specs, out_specs, out_shape, interpret: bool):
+  """The one pallas_call of every kernel here (Triton backend)."""
+  return pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+      name=name,
+  )
+
+
 class ForwardOutputs(NamedTuple):
   y: jax.Array
   h: jax.Array | None     # x + residual, with a residual
@@ -213,17 +229,10 @@ def forward(x: jax.Array, residual: jax.Array | None,
       has_residual=residual is not None, has_scale=scale is not None,
       save_rstd=save_rstd, round_normalized=cast_order == "hf",
       num_chunks=num_chunks, resident=config.resident(n), interpret=interpret)
-  outs = pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=(pl.cdiv(m, config.block_rows),),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                           num_stages=config.num_stages),
-      interpret=interpret,
-      name=KERNEL_NAME,
-  )(*args)
+  outs = launch(kernel, name=KERNEL_NAME, config=config,
+                grid=(pl.cdiv(m, config.block_rows),), in_specs=in_specs,
+                out_specs=out_specs, out_shape=out_shape,
+                interpret=interpret)(*args)
   outs = list(outs)
   y = outs.pop(0).reshape(x.shape)
   h = outs.pop(0).reshape(x.shape) if residual is not None else None

@@ -22,7 +22,7 @@ CAST_ORDERS = ("float32", "hf")
 KERNEL_IMPLEMENTATIONS = ("triton",)
 
 
-def _as_float_array(name: str, value) -> jax.Array:
+def as_float_array(name: str, value) -> jax.Array:
   """`value` as a jax.Array of a supported dtype, checked before conversion
   (jnp.asarray would silently turn float64 into float32)."""
   if not isinstance(value, (jax.Array, np.ndarray)):
@@ -57,19 +57,19 @@ def check_args(x, residual, scale, epsilon, scale_offset, out_dtype,
                cast_order):
   """Validates the arguments of `rms_norm`/`add_rms_norm` (residual None for
   the former); returns them canonicalized."""
-  x = _as_float_array("x", x)
+  x = as_float_array("x", x)
   if x.ndim < 1:
     raise ValueError(f"x must have at least one axis, got {x.shape=}")
   n = x.shape[-1]
   if n == 0:
     raise ValueError(f"the last axis of x must be non-empty, got {x.shape=}")
   if residual is not None:
-    residual = _as_float_array("residual", residual)
+    residual = as_float_array("residual", residual)
     if residual.shape != x.shape:
       raise ValueError(f"residual must have x's shape {x.shape}, got "
                        f"{residual.shape=}")
   if scale is not None:
-    scale = _as_float_array("scale", scale)
+    scale = as_float_array("scale", scale)
     chex.assert_shape(
         scale, (n,), exception_type=ValueError,
         custom_message=f"scale must have shape ({n},) to match {x.shape=}, "

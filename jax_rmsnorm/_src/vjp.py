@@ -31,6 +31,9 @@ class Options:
   cast_order: str
   interpret: bool
   x_dtype: jnp.dtype  # dx is returned in x's dtype (h's is residual's).
+  # Whether the backward may fall back to the reference's gradient where the
+  # kernel cannot run (implementation None or a sequence), or must raise.
+  fallback: bool = True
 
 
 def _forward(x, residual, scale, opts: Options, save_rstd: bool):
@@ -75,6 +78,8 @@ def _bwd(opts, saved, cotangents):
         normalized, dy, dh, scale, rstd, scale_offset=opts.scale_offset,
         cast_order=opts.cast_order, interpret=opts.interpret)
   except NotImplementedError as e:
+    if not opts.fallback:
+      raise
     logger.debug("rms_norm backward: kernel cannot run (%s); using the "
                  "reference's gradient", e)
     dx, dscale = _reference_backward(normalized, dy, dh, scale, opts)
