@@ -116,3 +116,15 @@ def test_numpy_inputs_and_numpy_scalars_work(implementation, interpret):
                            epsilon=np.float32(1e-5), scale_offset=np.int64(0),
                            implementation=implementation, interpret=interpret)
   assert_close(y, oracle(x, scale, 1e-5), "float32", 40)
+
+
+@pytest.mark.parametrize("implementation,interpret",
+                         [("xla", False), ("triton", True)])
+def test_add_rms_norm_takes_numpy_inputs(implementation, interpret):
+  x, scale = random_inputs(1, (3, 40), "float32")
+  residual, _ = random_inputs(2, (3, 40), "float32")
+  y, h = jax_rmsnorm.add_rms_norm(
+      np.asarray(x), np.asarray(residual), np.asarray(scale),
+      implementation=implementation, interpret=interpret)
+  np.testing.assert_array_equal(np.asarray(h), np.asarray(x + residual))
+  assert_close(y, oracle(h, scale), "float32", 40)
