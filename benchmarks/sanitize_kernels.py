@@ -16,8 +16,11 @@ from jax_rmsnorm._src import triton_config
 
 # (M, N, dtype): M = 13 with Qwen's 896 and 5120 (padded to 8192), the
 # longest row the backward holds, the longest the forward takes (chunked).
+# Up to 128 rows the backward sums d(scale) by columns; 300 rows take its
+# per-program partials, at 896 and at 14336 (held as 7 chunks).
 SHAPES = [(13, 896, "bfloat16"), (13, 5120, "float32"), (13, 5120, "float16"),
           (13, triton_config.MAX_ONE_PASS_COLS, "bfloat16"),
+          (300, 896, "bfloat16"), (300, 14336, "bfloat16"),
           (2, triton_config.MAX_COLS, "float32")]
 
 

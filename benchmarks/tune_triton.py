@@ -70,8 +70,19 @@ BACKWARD_SMALL_SWEEP = (
     (2048, 4096, "bfloat16"), (4096, 2048, "bfloat16"),
     (512, 14336, "bfloat16"), (1024, 8192, "bfloat16"),
 )
+# The backward's register choices (chunks of wide rows, the scale held or
+# re-read) on the large shapes, and how d(scale) is summed at few rows.
+BACKWARD_REGISTERS_SWEEP = (
+    (4096, 14336, "bfloat16"), (4096, 14336, "float32"),
+    (16384, 8192, "bfloat16"), (32768, 4096, "float32"),
+    (8192, 5120, "bfloat16"), (65536, 896, "bfloat16"),
+) + tuple((m, n, dtype) for n, dtype in (
+    (14336, "bfloat16"), (14336, "float32"), (8192, "bfloat16"),
+    (4096, "bfloat16"), (4096, "float32"), (896, "bfloat16"))
+          for m in (1, 16, 128, 256))
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
-          "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP}
+          "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP,
+          "backward-registers": BACKWARD_REGISTERS_SWEEP}
 
 
 def candidates(n: int):
@@ -111,6 +122,20 @@ def backward_small_candidates(m: int, n: int, dtype: str):
   for blocks, prefetch in itertools.product((1, 2, 4, 8), (False, True)):
     yield dataclasses.replace(base, min_blocks_per_program=blocks,
                               prefetch=prefetch)
+
+
+def backward_register_candidates(m: int, n: int, dtype: str):
+  """The heuristic's choice, then each of its register choices flipped."""
+  base = triton_config.get_backward_config(m, n, dtype)
+  yield base
+  yield dataclasses.replace(base, dscale_by_columns=not base.dscale_by_columns)
+  if m <= 256:
+    return
+  yield dataclasses.replace(base, hold_scale=not base.hold_scale)
+  cols = triton_config.next_power_of_2(n)
+  if cols > 8192:
+    for width, warps in ((cols, 8), (cols, 16), (2048, 8), (2048, 16)):
+      yield dataclasses.replace(base, block_cols=width, num_warps=warps)
 
 
 def _backward_row(m, n, dtype, iterations, candidates=backward_candidates):
@@ -156,6 +181,9 @@ def main(argv=None):
     elif args.sweep == "backward-small":
       row = _backward_row(m, n, dtype, args.iterations,
                           backward_small_candidates)
+    elif args.sweep == "backward-registers":
+      row = _backward_row(m, n, dtype, args.iterations,
+                          backward_register_candidates)
     else:
       row = _forward_row(m, n, dtype, args.iterations)
     ok = [c for c in row["configs"] if "us" in c]

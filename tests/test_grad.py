@@ -3,6 +3,7 @@ float64 oracle; transforms; the backward kernel's paths and limits."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import zlib
@@ -178,13 +179,14 @@ def test_transforms(impl):
 def test_grad_batch_invariance_and_determinism(impl):
   """dx of a row does not depend on the batch around it; reruns agree
   bitwise, d(scale) included (fixed programs, no atomics)."""
-  x, scale = random_inputs(31, (37, 5120), "bfloat16")
-  dy, _ = random_inputs(32, (37, 5120), "bfloat16")
+  # 150 rows sum d(scale) in partials, their sub-batches by columns.
+  x, scale = random_inputs(31, (150, 5120), "bfloat16")
+  dy, _ = random_inputs(32, (150, 5120), "bfloat16")
   dx, _, dscale = _grads(impl, x, scale, dy)
   again = _grads(impl, x, scale, dy)
   np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(dx))
   np.testing.assert_array_equal(np.asarray(again[2]), np.asarray(dscale))
-  for rows in (slice(0, 1), slice(20, 23)):
+  for rows in (slice(0, 1), slice(20, 23), slice(140, 150)):
     part = _grads(impl, x[rows], scale, dy[rows])[0]
     np.testing.assert_array_equal(np.asarray(part), np.asarray(dx[rows]))
 
@@ -205,6 +207,18 @@ def test_grad_batch_invariance_and_determinism(impl):
     # More programs than row blocks.
     triton_config.Config(block_rows=1, block_cols=1024, num_warps=4,
                          programs_per_sm=64),
+    # The scale held across the loop, with and without prefetch.
+    triton_config.Config(block_rows=4, block_cols=1024, num_warps=4,
+                         programs_per_sm=1, prefetch=True, hold_scale=True),
+    triton_config.Config(block_rows=2, block_cols=256, num_warps=2,
+                         programs_per_sm=1, hold_scale=True),
+    # d(scale) by column slices, a program summing one slice or several.
+    triton_config.Config(block_rows=1, block_cols=1024, num_warps=4,
+                         programs_per_sm=1, min_blocks_per_program=64,
+                         dscale_by_columns=True),
+    triton_config.Config(block_rows=2, block_cols=256, num_warps=2,
+                         programs_per_sm=8, prefetch=True,
+                         dscale_by_columns=True),
 ], ids=str)
 def test_backward_kernel_configs(config, interpret):
   """Each path of the backward kernel at a non-power-of-two width, with the
@@ -224,12 +238,19 @@ def test_backward_kernel_configs(config, interpret):
 
 
 def test_backward_heuristic_is_pure_and_batch_independent():
+  """Only how d(scale) is summed may change with the row count; all that
+  shapes a row's arithmetic depends on n and dtype alone."""
   for n in (1, 7, 896, 5120, 14336, 16384):
     for dtype in DTYPES:
-      configs = {triton_config.get_backward_config(m, n, dtype)
-                 for m in (1, 13, 4096)}
-      assert len(configs) == 1, (n, dtype, configs)
-      (config,) = configs
+      configs = {m: triton_config.get_backward_config(m, n, dtype)
+                 for m in (1, 13, 128, 129, 4096, 1 << 20)}
+      assert configs[1] == triton_config.get_backward_config(1, n, dtype)
+      assert configs[1].dscale_by_columns
+      assert not configs[1 << 20].dscale_by_columns
+      rows_free = {dataclasses.replace(c, dscale_by_columns=False)
+                   for c in configs.values()}
+      assert len(rows_free) == 1, (n, dtype, configs)
+      (config,) = rows_free
       assert config.programs_per_sm > 0 and config.resident(n)
 
 

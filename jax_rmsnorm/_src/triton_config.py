@@ -41,6 +41,10 @@ class Config:
       computes the current one (the backward).
     min_blocks_per_program: fewer programs for few rows, so that the float32
       partials (one row of n per program) stay small next to the input.
+    hold_scale: the backward loads the scale once and holds it in registers
+      across its loop, rather than re-reading it every step.
+    dscale_by_columns: the backward sums d(scale) by column slices over all
+      rows (for few rows) rather than in per-program partials.
   """
   block_rows: int
   block_cols: int
@@ -49,6 +53,8 @@ class Config:
   programs_per_sm: int = 0
   prefetch: bool = False
   min_blocks_per_program: int = 1
+  hold_scale: bool = False
+  dscale_by_columns: bool = False
 
   def __post_init__(self):
     for field in ("block_rows", "block_cols", "num_warps"):
@@ -76,6 +82,19 @@ class Config:
   def resident(self, n: int) -> bool:
     """Whether a row is held in registers (one pass) rather than re-read."""
     return self.num_chunks(n) * self.block_cols <= MAX_ONE_PASS_COLS
+
+
+def column_tile(rows: int, n: int, programs: int, itemsize: int
+                ) -> tuple[int, int, int]:
+  """(tile_rows, tile_cols, slices per program) of the backward's column
+  sums of d(scale): about one slice of columns per program, each at least
+  128 bytes wide, walked down the rows in tiles of up to _COLUMN_TILE
+  elements."""
+  tile_cols = max(128 // itemsize, next_power_of_2(-(-n // programs)))
+  tile_cols = min(tile_cols, next_power_of_2(n))
+  tile_rows = min(next_power_of_2(rows), max(1, _COLUMN_TILE // tile_cols))
+  slices = -(-n // tile_cols)
+  return tile_rows, tile_cols, -(-slices // programs)
 
 
 # Warps per program by the bytes a program loads (rounded to the nearest power
@@ -125,29 +144,48 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None
 # holds its row (x, dy, the d(scale) accumulator) in registers, so wide rows
 # get one program per SM; short rows get several, to keep memory busy.
 _BACKWARD_BY_BYTES = {
-    2: ((4096, 4, 8), (8192, 16, 2), (16384, 32, 1), (32768, 8, 1)),
+    2: ((4096, 4, 8), (8192, 16, 2), (16384, 32, 1), (32768, 16, 1)),
     4: ((4096, 4, 8), (8192, 16, 2), (16384, 32, 1), (32768, 16, 1),
         (65536, 16, 1)),
 }
+# Rows past 8192 elements are held as chunks of 2048 whose products are
+# summed before one reduction: bf16 4096 x 14336 (7 chunks, 16 warps) in 155
+# to 157 us against 157 to 159 for one padded chunk of 16384 on 8 warps, the
+# best before; float32 the same either way (on an H200 the padded chunk was
+# 1% faster). benchmarks/results/backward_registers_h100.md and
+# tune_triton_backward_registers_{h100,h200}.json.
+_BACKWARD_CHUNK_PAST, _BACKWARD_CHUNK_COLS = 8192, 2048
 # From 2048 rows on, 8 rows a program at least: fewer float32 partials of
 # d(scale) to write and sum (4096 x 2048 bf16: 21.2 us instead of 24.8;
 # benchmarks/results/tune_triton_backward_small_h100.json).
 _BACKWARD_MIN_BLOCKS_PER_PROGRAM = 8
 # Loading the next rows ahead doubles the registers x and dy take; it paid
-# off wherever a thread holds at most this many elements of a row.
+# off wherever a thread holds at most this many elements of a row. There,
+# programs that are few per SM also hold the scale in registers across their
+# loop (2 to 5% faster on the large shapes; slower at 8 programs per SM).
 _PREFETCH_MAX_PER_THREAD = 16
+_HOLD_SCALE_MAX_PROGRAMS_PER_SM = 2
+# Up to this many row blocks (about one per SM), d(scale) is summed by
+# column slices in the same kernel, re-reading x and dy from L2, rather than
+# as one float32 partial row per program plus a sum: 5.8 instead of 8.3 us
+# at bf16 128 x 14336, and faster at every shape of 1 to 128 rows tried but
+# two float32 single rows (tune_triton_backward_registers_h100.json).
+_COLUMN_MAX_ROW_BLOCKS = 128
+# Elements of one tile of those column sums.
+_COLUMN_TILE = 8192
 
 
 def get_backward_config(rows: int, n: int, dtype, device_kind: str | None = None
                         ) -> Config:
   """Picks the backward kernel's launch configuration; pure, like get_config.
 
-  A row is one padded block (the per-row arithmetic depends only on n and
-  dtype: dx is batch invariant). The backward holds x, dy and a d(scale)
-  accumulator per row in registers, so rows past MAX_ONE_PASS_COLS have no
-  configuration (the caller falls back to the reference's gradient).
+  A row is one padded block, and everything that shapes a row's arithmetic
+  depends only on n and dtype (dx is batch invariant); `rows` only picks how
+  d(scale) is summed. The backward holds x, dy and a d(scale) accumulator per
+  row in registers, so rows past MAX_ONE_PASS_COLS have no configuration (the
+  caller falls back to the reference's gradient).
   """
-  del rows, device_kind
+  del device_kind
   itemsize = np.dtype(dtype).itemsize
   cols = next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS:
@@ -159,7 +197,12 @@ def get_backward_config(rows: int, n: int, dtype, device_kind: str | None = None
   num_warps, per_sm = next((w, p) for limit, w, p in
                            _BACKWARD_BY_BYTES[itemsize] if row_bytes <= limit)
   num_warps = min(num_warps, max(1, block_rows * cols // 32))
-  return Config(block_rows=block_rows, block_cols=cols, num_warps=num_warps,
-                programs_per_sm=per_sm,
-                prefetch=cols <= _PREFETCH_MAX_PER_THREAD * 32 * num_warps,
-                min_blocks_per_program=_BACKWARD_MIN_BLOCKS_PER_PROGRAM)
+  prefetch = cols <= _PREFETCH_MAX_PER_THREAD * 32 * num_warps
+  return Config(
+      block_rows=block_rows,
+      block_cols=(_BACKWARD_CHUNK_COLS if cols > _BACKWARD_CHUNK_PAST
+                  else cols),
+      num_warps=num_warps, programs_per_sm=per_sm, prefetch=prefetch,
+      min_blocks_per_program=_BACKWARD_MIN_BLOCKS_PER_PROGRAM,
+      hold_scale=prefetch and per_sm <= _HOLD_SCALE_MAX_PROGRAMS_PER_SM,
+      dscale_by_columns=-(-rows // block_rows) <= _COLUMN_MAX_ROW_BLOCKS)
