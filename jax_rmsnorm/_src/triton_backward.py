@@ -110,21 +110,17 @@ def _backward_kernel(*refs, n: int, m: int, offset: float, has_dh: bool,
                       mask=row_ids < m, other=0.0)
     return xs, dys, rstd
 
-  def normalized(xs, dys, rstd, first_row):
-    """xhat and dy in float32, and g = dy * (offset + scale)."""
-    xhats = [x.astype(jnp.float32) * rstd for x in xs]
-    dys = [dy.astype(jnp.float32) for dy in dys]
-    if scale_ref is None:
-      return xhats, dys, dys
-    return xhats, dys, [dy * scale_of(k, first_row)
-                        for k, dy in enumerate(dys)]
-
   def compute(t, block, accs):
     """Writes dx of step t's row block; returns the updated accumulators."""
     first_row, _, masks = rows_of(t)
     xs, dys, rstd = block
     rstd = jax.lax.broadcast_in_dim(rstd, (block_rows, 1), (0,))
-    xhats, dys, gs = normalized(xs, dys, rstd, first_row)
+    xhats = [x.astype(jnp.float32) * rstd for x in xs]
+    dys = [dy.astype(jnp.float32) for dy in dys]
+    if scale_ref is None:
+      gs = dys
+    else:
+      gs = [dy * scale_of(k, first_row) for k, dy in enumerate(dys)]
     # The chunks are summed elementwise, then reduced once: one reduction
     # across the warps a row instead of one per chunk.
     prod = gs[0] * xhats[0]
