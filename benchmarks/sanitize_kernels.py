@@ -12,7 +12,7 @@ import sys
 import jax
 
 from jax_rmsnorm._src import bench
-from jax_rmsnorm._src import triton_config
+from jax_rmsnorm._src.triton import config as triton_config
 
 # (M, N, dtype): M = 13 with Qwen's 896 and 5120 (padded to 8192), the
 # longest row the backward holds, the longest the forward takes (chunked).

@@ -23,9 +23,9 @@ import jax
 from jax_rmsnorm._src import bench
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import testing
-from jax_rmsnorm._src import triton_backward
-from jax_rmsnorm._src import triton_config
-from jax_rmsnorm._src import triton_forward
+from jax_rmsnorm._src.triton import backward as triton_backward
+from jax_rmsnorm._src.triton import config as triton_config
+from jax_rmsnorm._src.triton import forward as triton_forward
 
 SWEEP = (
     (32768, 4096, "bfloat16"), (16384, 8192, "bfloat16"),
@@ -204,7 +204,7 @@ def main(argv=None):
 def _forward_row(m, n, dtype, iterations):
   x, scale = testing.random_inputs(0, (m, n), dtype)
   ref64 = testing.oracle(x, scale)
-  xla = jax.jit(functools.partial(reference.rms_norm_reference, epsilon=1e-6))
+  xla = jax.jit(functools.partial(api.rms_norm_reference, epsilon=1e-6))
   row = dict(m=m, n=n, dtype=dtype,
              copy_us=bench.measure_us(jax.jit(lambda a: a * 2), x),
              xla_us=bench.measure_us(xla, x, scale),

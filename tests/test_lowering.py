@@ -17,8 +17,8 @@ import pytest
 
 import jax_rmsnorm
 from jax_rmsnorm._src import platform
-from jax_rmsnorm._src import triton_backward
-from jax_rmsnorm._src import triton_forward
+from jax_rmsnorm._src.triton import backward as triton_backward
+from jax_rmsnorm._src.triton import forward as triton_forward
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 

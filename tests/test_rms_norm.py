@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import jax_rmsnorm
+from jax_rmsnorm._src import dispatch
+from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import shapes
-from jax_rmsnorm._src import triton_config
-from jax_rmsnorm._src import triton_forward
+from jax_rmsnorm._src.triton import config as triton_config
+from jax_rmsnorm._src.triton import forward as triton_forward
 from tests.conftest import (IMPLEMENTATIONS, ON_GPU, assert_close, oracle,
                             random_inputs, requires_gpu)
 
@@ -147,11 +149,19 @@ def test_explicit_kernel_without_gpu_says_so():
   assert_close(y, oracle(x, scale), "float32", 256)
 
 
-def test_fallback_is_logged(caplog):
+def test_fallback_is_logged(caplog, monkeypatch):
+  """Auto falling back from the kernel on a GPU warns once per reason."""
+  monkeypatch.setattr(platform, "on_cuda_gpu", lambda: True)
+  monkeypatch.setattr(dispatch, "_warned", set())
   x = jnp.ones((2, triton_config.MAX_COLS + 1), jnp.bfloat16)
-  with caplog.at_level(logging.DEBUG, logger="jax_rmsnorm"):
+  with caplog.at_level(logging.WARNING, logger="jax_rmsnorm"):
     jax.eval_shape(jax_rmsnorm.rms_norm, x)
-  assert "cannot run" in caplog.text
+    jax.eval_shape(jax_rmsnorm.rms_norm, x)
+  warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1, caplog.text
+  assert f"2 rows of {triton_config.MAX_COLS + 1}" in warnings[0].message
+  assert "forward and backward" in warnings[0].message
+  assert "run on XLA" in warnings[0].message
   with pytest.raises(NotImplementedError, match="limit"):
     jax.eval_shape(functools.partial(
         jax_rmsnorm.rms_norm, implementation="triton", interpret=True), x)

@@ -2,59 +2,29 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jax_rmsnorm._src import dispatch
 from jax_rmsnorm._src import reference
-from jax_rmsnorm._src import triton_forward
 from jax_rmsnorm._src import validation
-from jax_rmsnorm._src import vjp
-
-logger = logging.getLogger("jax_rmsnorm")
 
 Implementation = str | Sequence[str] | None
 
 
-def _run(name: str, x, residual, scale, opts: vjp.Options):
-  """(y, h) from implementation `name`; NotImplementedError if it can't run."""
-  if name == "xla":
-    kwargs = dict(epsilon=opts.epsilon, scale_offset=opts.scale_offset,
-                  out_dtype=opts.out_dtype, cast_order=opts.cast_order)
-    if residual is None:
-      return reference.rms_norm_reference(x, scale, **kwargs), None
-    return reference.add_rms_norm_reference(x, residual, scale, **kwargs)
-  n = x.shape[-1]
-  triton_forward.check_supported(x.size // n, n, opts.interpret)
-  return vjp.rms_norm_triton(x, residual, scale, opts)
-
-
 def _dispatch(x, residual, scale, *, epsilon, scale_offset, out_dtype,
               cast_order, implementation, interpret):
-  x, residual, scale, epsilon, scale_offset, out_dtype, cast_order = (
-      validation.check_args(x, residual, scale, epsilon, scale_offset,
-                            out_dtype, cast_order))
+  x, residual, scale, opts = validation.check_args(
+      x, residual, scale, epsilon, scale_offset, out_dtype, cast_order)
   names, fallback = validation.canonicalize_implementation(
       implementation, interpret)
   if x.size == 0:
-    h = None if residual is None else reference.residual_add(x, residual)
-    norm_dtype = x.dtype if residual is None else residual.dtype
-    return jnp.zeros(x.shape, out_dtype or norm_dtype), h
-  opts = vjp.Options(epsilon=epsilon, scale_offset=scale_offset,
-                     out_dtype=out_dtype, cast_order=cast_order,
-                     interpret=bool(interpret), x_dtype=x.dtype,
-                     fallback=fallback)
-  for i, name in enumerate(names):
-    try:
-      return _run(name, x, residual, scale, opts)
-    except NotImplementedError as e:
-      if not fallback or i == len(names) - 1:
-        raise
-      logger.debug("rms_norm: %r cannot run (%s); trying %r", name, e,
-                   names[i + 1])
-  raise AssertionError("unreachable")
+    out = reference.forward(x, residual, scale, **opts.forward_kwargs())
+    return out.y, out.h
+  return dispatch.run(x, residual, scale, opts, names=names,
+                      fallback=fallback, interpret=bool(interpret))
 
 
 _ARGS_DOC = """

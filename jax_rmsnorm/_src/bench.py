@@ -72,7 +72,7 @@ def xla_backward(x, scale, dy):
   """XLA's autodiff of the reference, forward included: XLA drops y, fuses
   the rstd recomputation into the backward's kernels. Its fastest form, and
   the form anchors.md timed."""
-  return jax.vjp(reference.rms_norm_reference, x, scale)[1](dy)
+  return jax.vjp(api.rms_norm_reference, x, scale)[1](dy)
 
 
 def bench_op(op: str, m: int, n: int, dtype: str, *,

@@ -7,6 +7,7 @@ traceback. No math lives here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -17,9 +18,25 @@ import numpy as np
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16),
                     jnp.dtype(jnp.float32))
-IMPLEMENTATIONS = ("triton", "xla")
+IMPLEMENTATIONS = ("mosaic", "triton", "xla")
 CAST_ORDERS = ("float32", "hf")
-KERNEL_IMPLEMENTATIONS = ("triton",)
+KERNEL_IMPLEMENTATIONS = ("mosaic", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The static options of one call, validated (hashable)."""
+  epsilon: float
+  scale_offset: float
+  out_dtype: jnp.dtype | None
+  cast_order: str
+
+  def forward_kwargs(self) -> dict:
+    return dict(epsilon=self.epsilon, scale_offset=self.scale_offset,
+                out_dtype=self.out_dtype, cast_order=self.cast_order)
+
+  def backward_kwargs(self) -> dict:
+    return dict(scale_offset=self.scale_offset, cast_order=self.cast_order)
 
 
 def as_float_array(name: str, value) -> jax.Array:
@@ -56,7 +73,7 @@ def static_float(name: str, value, *, positive: bool) -> float:
 def check_args(x, residual, scale, epsilon, scale_offset, out_dtype,
                cast_order):
   """Validates the arguments of `rms_norm`/`add_rms_norm` (residual None for
-  the former); returns them canonicalized."""
+  the former); returns (x, residual, scale, Options), canonicalized."""
   x = as_float_array("x", x)
   if x.ndim < 1:
     raise ValueError(f"x must have at least one axis, got {x.shape=}")
@@ -90,17 +107,20 @@ def check_args(x, residual, scale, epsilon, scale_offset, out_dtype,
           f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} or None")
   if not isinstance(cast_order, str) or cast_order not in CAST_ORDERS:
     raise ValueError(f"unknown {cast_order=}; choose from {CAST_ORDERS}")
-  return x, residual, scale, epsilon, scale_offset, out_dtype, cast_order
+  return x, residual, scale, Options(epsilon, scale_offset, out_dtype,
+                                     cast_order)
 
 
 def canonicalize_implementation(implementation, interpret: bool
                                 ) -> tuple[tuple[str, ...], bool]:
-  """Returns (names to try in order, whether falling back is allowed)."""
+  """Returns (names to try in order, whether falling back is allowed);
+  names is None for the automatic choice."""
   if not isinstance(interpret, (bool, np.bool_)):
     raise TypeError(f"interpret must be a bool, got {interpret=}")
   if implementation is None:
-    names, fallback = (("triton",), False) if interpret else (
-        ("triton", "xla"), True)
+    if not interpret:
+      return None, True
+    names, fallback = ("triton",), False
   elif isinstance(implementation, str):
     names, fallback = (implementation,), False
   elif isinstance(implementation, Sequence):

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jax_rmsnorm._src import avals
 from jax_rmsnorm._src import platform
-from jax_rmsnorm._src import triton_config
-from jax_rmsnorm._src import triton_forward
+from jax_rmsnorm._src.triton import common
+from jax_rmsnorm._src.triton import config as triton_config
 
 logger = logging.getLogger("jax_rmsnorm")
 
@@ -137,7 +138,7 @@ def _backward_kernel(*refs, n: int, m: int, offset: float, has_dh: bool,
     if not accs:
       return accs
     if round_normalized:
-      xhats = [triton_forward.round_trip(xh, x_ref.dtype, interpret)
+      xhats = [common.round_trip(xh, x_ref.dtype, interpret)
                for xh in xhats]
     return tuple(acc + dy * xh for acc, dy, xh in zip(accs, dys, xhats))
 
@@ -151,10 +152,12 @@ def _backward_kernel(*refs, n: int, m: int, offset: float, has_dh: bool,
       accs, block = carry
       upcoming = load_block(t + 1)
       return compute(t, block, accs), upcoming
-    accs, _ = jax.lax.fori_loop(0, steps, step, (accs, load_block(0)))
+    accs, _ = jax.lax.fori_loop(jnp.int32(0), jnp.int32(steps), step,
+                                (accs, load_block(jnp.int32(0))))
   else:
     accs = jax.lax.fori_loop(
-        0, steps, lambda t, accs: compute(t, load_block(t), accs), accs)
+        jnp.int32(0), jnp.int32(steps),
+        lambda t, accs: compute(t, load_block(t), accs), accs)
   for k, acc in enumerate(accs):
     plgpu.store(dw_ref.at[:, pl.ds(k * block_cols, block_cols)],
                 jnp.sum(acc, axis=0, keepdims=True))
@@ -190,17 +193,17 @@ def _column_sums(x_ref, dy_ref, rstd_ref, dw_ref, *, n, m, pid, num_programs,
       xhat = x.astype(jnp.float32) * jax.lax.broadcast_in_dim(
           rstd, shape, (0,))
       if round_normalized:
-        xhat = triton_forward.round_trip(xhat, x_ref.dtype, interpret)
+        xhat = common.round_trip(xhat, x_ref.dtype, interpret)
       return acc + dy.astype(jnp.float32) * xhat
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(m, tile_rows), row_step,
-                            jnp.zeros(shape, jnp.float32))
+    acc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(m, tile_rows)),
+                            row_step, jnp.zeros(shape, jnp.float32))
     cols = first_col + jax.lax.iota(jnp.int32, tile_cols)
     plgpu.store(dw_ref.at[pl.ds(first_col, tile_cols)],
                 jnp.sum(acc, axis=0).astype(dw_ref.dtype), mask=cols < n)
     return carry
 
-  jax.lax.fori_loop(0, slice_steps, slice_step, 0)
+  jax.lax.fori_loop(jnp.int32(0), jnp.int32(slice_steps), slice_step, 0)
 
 
 def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
@@ -209,16 +212,18 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
              interpret: bool = False,
              config: triton_config.Config | None = None
              ) -> tuple[jax.Array, jax.Array | None]:
-  """Returns (dx in x's dtype, dscale in scale's dtype or None) in one kernel
-  plus a sum over the programs' float32 partials.
+  """Returns (dx in x's dtype, float32 d(scale) or None) in one kernel (plus
+  a sum over the programs' float32 partials, for many rows).
 
-  `x` is the normalized input (h for add_rms_norm), `rstd` its (rows,)
-  float32 statistics from the forward, `dh` an extra gradient added to dx.
-  Raises NotImplementedError where the kernel cannot run.
+  `x` is the normalized input (h for add_rms_norm), `rstd` its float32
+  statistics (x.shape[:-1]) from the forward, `dh` an extra gradient added to dx.
+  d(scale) stays float32 so that a caller can sum it across devices before
+  the one rounding to scale's dtype. Raises NotImplementedError past the
+  kernel's limits (`common.check_supported`).
   """
   n = x.shape[-1]
   m = x.size // n
-  triton_forward.check_supported(m, n, interpret)
+  common.check_supported(m, n, backward=True)
   if config is None:
     config = triton_config.get_backward_config(m, n, x.dtype,
                                                platform.device_kind())
@@ -241,7 +246,7 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
     tile_rows, tile_cols, slice_steps = column_tile
     # Column blocks stay powers of two, which the Triton lowering needs.
     padded = (max(padded[0], pl.cdiv(m, tile_rows) * tile_rows),
-              triton_config.next_power_of_2(
+              pl.next_power_of_2(
                   max(padded[1], slice_steps * num_programs * tile_cols)))
   whole = pl.BlockSpec(padded, lambda p: (0, 0))
   args, in_specs = [x.reshape(m, n), dy.reshape(m, n)], [whole, whole]
@@ -251,16 +256,17 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
   if scale is not None:
     args.append(scale)
     in_specs.append(pl.BlockSpec(padded[1:], lambda p: (0,)))
-  args.append(rstd)
+  args.append(rstd.reshape(m))
   in_specs.append(pl.BlockSpec(padded[:1], lambda p: (0,)))
-  out_shape = [jax.ShapeDtypeStruct((m, n), x.dtype)]
+  like = (x, dy, dh, scale, rstd)
+  out_shape = [avals.out_struct((m, n), x.dtype, *like)]
   out_specs = [whole]
   if column_tile is not None:
-    out_shape.append(jax.ShapeDtypeStruct((n,), scale.dtype))
+    out_shape.append(avals.out_struct((n,), jnp.float32, *like))
     out_specs.append(pl.BlockSpec(padded[1:], lambda p: (0,)))
   elif scale is not None:
-    out_shape.append(jax.ShapeDtypeStruct((num_programs, padded[1]),
-                                          jnp.float32))
+    out_shape.append(avals.out_struct((num_programs, padded[1]), jnp.float32,
+                                      *like))
     out_specs.append(pl.BlockSpec((1, padded[1]), lambda p: (p, 0)))
   kernel = functools.partial(
       _backward_kernel, n=n, m=m, offset=scale_offset, has_dh=dh is not None,
@@ -270,7 +276,7 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
       num_programs=num_programs, prefetch=config.prefetch,
       hold_scale=config.hold_scale,
       column_tile=column_tile, interpret=interpret)
-  outs = triton_forward.launch(
+  outs = common.launch(
       kernel, name=KERNEL_NAME, config=config, grid=(num_programs,),
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret)(*args)
@@ -279,4 +285,4 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
     return dx, None
   if column_tile is not None:
     return dx, outs[1]
-  return dx, jnp.sum(outs[1], axis=0)[:n].astype(scale.dtype)
+  return dx, jnp.sum(outs[1], axis=0)[:n]

@@ -5,31 +5,21 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jax_rmsnorm._src import avals
 from jax_rmsnorm._src import platform
-from jax_rmsnorm._src import reference
-from jax_rmsnorm._src import triton_config
+from jax_rmsnorm._src.reference import ForwardOutputs
+from jax_rmsnorm._src.triton import common
+from jax_rmsnorm._src.triton import config as triton_config
 
 logger = logging.getLogger("jax_rmsnorm")
 
 KERNEL_NAME = "jax_rmsnorm_fwd"
-
-
-def round_trip(value: jax.Array, dtype, interpret: bool) -> jax.Array:
-  """float32 `value` rounded to `dtype`, as float32, inside a kernel.
-
-  Triton keeps the two converts. Interpret mode runs the kernel through XLA,
-  which may drop the pair (excess precision): there reduce_precision rounds.
-  """
-  if interpret:
-    return reference.round_to(value, dtype)
-  return value.astype(dtype).astype(jnp.float32)
 
 
 def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
@@ -100,13 +90,13 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
     h = x + load(r_ref, k, mask).astype(jnp.float32)
     if write_h:
       store(h_ref, k, h, mask)
-    return round_trip(h, r_ref.dtype, interpret)
+    return common.round_trip(h, r_ref.dtype, interpret)
 
   def write(k, x):
     mask, scale_mask = masks(k)
     y = x * rstd
     if round_normalized:
-      y = round_trip(y, x_ref.dtype if r_ref is None else r_ref.dtype,
+      y = common.round_trip(y, x_ref.dtype if r_ref is None else r_ref.dtype,
                      interpret)
     if scale_ref is not None:
       w = load(scale_ref, k, scale_mask).astype(jnp.float32)
@@ -122,8 +112,8 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
     def sum_squares(k, acc):
       x = load_row(k, write_h=True)
       return acc + x * x
-    sq = jax.lax.fori_loop(0, num_chunks, sum_squares,
-                           jnp.zeros(shape, jnp.float32))
+    sq = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks),
+                           sum_squares, jnp.zeros(shape, jnp.float32))
   mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
   rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
   if rstd_ref is not None:  # The same arithmetic, as a vector of rows.
@@ -139,48 +129,9 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
     for k, x in enumerate(xs):
       write(k, x)
   else:
-    @pl.loop(0, num_chunks)
+    @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
     def _(k):
       write(k, load_row(k, write_h=False))
-
-
-def check_supported(m: int, n: int, interpret: bool) -> None:
-  """Raises NotImplementedError where the Pallas kernels cannot run."""
-  if n > triton_config.MAX_COLS:
-    raise NotImplementedError(
-        f"rows of {n} elements exceed the kernel's limit of "
-        f"{triton_config.MAX_COLS}")
-  if m * n > triton_config.MAX_ELEMENTS:
-    raise NotImplementedError(
-        f"{m * n} elements exceed the kernel's int32 indexing "
-        f"({triton_config.MAX_ELEMENTS})")
-  if not interpret and not platform.on_cuda_gpu():
-    raise NotImplementedError(
-        "the 'triton' implementation needs an NVIDIA GPU (default backend is "
-        f"{jax.default_backend()!r}); pass interpret=True to run it in Pallas "
-        "interpret mode, or use implementation='xla'")
-
-
-def launch(kernel, *, name: str, config: triton_config.Config, grid,
-           in_specs, out_specs, out_shape, interpret: bool):
-  """The one pallas_call of every kernel here (Triton backend)."""
-  return pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                           num_stages=config.num_stages),
-      interpret=interpret,
-      name=name,
-  )
-
-
-class ForwardOutputs(NamedTuple):
-  y: jax.Array
-  h: jax.Array | None     # x + residual, with a residual
-  rstd: jax.Array | None  # (rows,) float32, when asked for
 
 
 def forward(x: jax.Array, residual: jax.Array | None,
@@ -190,8 +141,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
             config: triton_config.Config | None = None) -> ForwardOutputs:
   """RMSNorm of validated, non-empty `x` (plus `residual`) in one kernel.
 
-  Raises NotImplementedError where the kernel cannot run (no CUDA GPU and no
-  interpret mode, rows or arrays past the kernel's limits).
+  Raises NotImplementedError past the kernel's limits
+  (`common.check_supported`).
   """
   n = x.shape[-1]
   m = x.size // n
@@ -200,7 +151,7 @@ def forward(x: jax.Array, residual: jax.Array | None,
     raise ValueError(f"{scale.shape=} must be ({n},)")
   if residual is not None and residual.shape != x.shape:
     raise ValueError(f"{residual.shape=} must equal {x.shape=}")
-  check_supported(m, n, interpret)
+  common.check_supported(m, n)
   if config is None:
     config = triton_config.get_config(m, n, x.dtype, platform.device_kind())
   num_chunks = config.num_chunks(n)
@@ -216,25 +167,26 @@ def forward(x: jax.Array, residual: jax.Array | None,
   if scale is not None:
     args.append(scale)
     in_specs.append(pl.BlockSpec(block[1:], lambda i: (0,)))
-  out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype or norm_dtype)]
+  like = (x, residual, scale)
+  out_shape = [avals.out_struct((m, n), out_dtype or norm_dtype, *like)]
   out_specs = [row_block]
   if residual is not None:
-    out_shape.append(jax.ShapeDtypeStruct((m, n), residual.dtype))
+    out_shape.append(avals.out_struct((m, n), residual.dtype, *like))
     out_specs.append(row_block)
   if save_rstd:
-    out_shape.append(jax.ShapeDtypeStruct((m,), jnp.float32))
+    out_shape.append(avals.out_struct((m,), jnp.float32, *like))
     out_specs.append(pl.BlockSpec(block[:1], lambda i: (i,)))
   kernel = functools.partial(
       _forward_kernel, n=n, m=m, eps=epsilon, offset=scale_offset,
       has_residual=residual is not None, has_scale=scale is not None,
       save_rstd=save_rstd, round_normalized=cast_order == "hf",
       num_chunks=num_chunks, resident=config.resident(n), interpret=interpret)
-  outs = launch(kernel, name=KERNEL_NAME, config=config,
-                grid=(pl.cdiv(m, config.block_rows),), in_specs=in_specs,
-                out_specs=out_specs, out_shape=out_shape,
-                interpret=interpret)(*args)
+  outs = common.launch(kernel, name=KERNEL_NAME, config=config,
+                       grid=(pl.cdiv(m, config.block_rows),),
+                       in_specs=in_specs, out_specs=out_specs,
+                       out_shape=out_shape, interpret=interpret)(*args)
   outs = list(outs)
   y = outs.pop(0).reshape(x.shape)
   h = outs.pop(0).reshape(x.shape) if residual is not None else None
-  rstd = outs.pop(0) if save_rstd else None
+  rstd = outs.pop(0).reshape(x.shape[:-1]) if save_rstd else None
   return ForwardOutputs(y, h, rstd)

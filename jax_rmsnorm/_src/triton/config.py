@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import numpy as np
+from jax.experimental import pallas as pl
 
 # Rows longer than this (after padding to a power of two) are not held in
 # registers in one piece; the kernel loops over them in chunks (two passes).
@@ -15,10 +16,6 @@ MAX_ONE_PASS_COLS = 16384
 MAX_COLS = 1 << 20
 # Triton computes element offsets in int32.
 MAX_ELEMENTS = (1 << 31) - 1
-
-
-def next_power_of_2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +60,11 @@ class Config:
         raise ValueError(f"Config.{field} must be a power of two, got {value}")
 
   def num_chunks(self, n: int) -> int:
-    return -(-n // self.block_cols)
+    return pl.cdiv(n, self.block_cols)
 
   def num_programs(self, rows: int, sm_count: int) -> int:
     """Programs to launch for `rows` rows on `sm_count` SMs."""
-    row_blocks = -(-rows // self.block_rows)
+    row_blocks = pl.cdiv(rows, self.block_rows)
     if not self.programs_per_sm:
       return row_blocks
     # At least min_blocks_per_program blocks each, but not fewer programs
@@ -76,8 +73,8 @@ class Config:
     programs = max(min(row_blocks, sm_count),
                    row_blocks // self.min_blocks_per_program)
     programs = min(programs, self.programs_per_sm * sm_count)
-    steps = -(-row_blocks // programs)
-    return -(-row_blocks // steps)
+    steps = pl.cdiv(row_blocks, programs)
+    return pl.cdiv(row_blocks, steps)
 
   def resident(self, n: int) -> bool:
     """Whether a row is held in registers (one pass) rather than re-read."""
@@ -90,11 +87,11 @@ def column_tile(rows: int, n: int, programs: int, itemsize: int
   sums of d(scale): about one slice of columns per program, each at least
   128 bytes wide, walked down the rows in tiles of up to _COLUMN_TILE
   elements."""
-  tile_cols = max(128 // itemsize, next_power_of_2(-(-n // programs)))
-  tile_cols = min(tile_cols, next_power_of_2(n))
-  tile_rows = min(next_power_of_2(rows), max(1, _COLUMN_TILE // tile_cols))
-  slices = -(-n // tile_cols)
-  return tile_rows, tile_cols, -(-slices // programs)
+  tile_cols = max(128 // itemsize, pl.next_power_of_2(pl.cdiv(n, programs)))
+  tile_cols = min(tile_cols, pl.next_power_of_2(n))
+  tile_rows = min(pl.next_power_of_2(rows), max(1, _COLUMN_TILE // tile_cols))
+  slices = pl.cdiv(n, tile_cols)
+  return tile_rows, tile_cols, pl.cdiv(slices, programs)
 
 
 # Warps per program by the bytes a program loads (rounded to the nearest power
@@ -123,7 +120,7 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None
   """
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
-  cols = next_power_of_2(n)
+  cols = pl.next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS:
     return Config(block_rows=1,
                   block_cols=_LOOP_CHUNK_COLS_BY_ITEMSIZE[itemsize],
@@ -187,7 +184,7 @@ def get_backward_config(rows: int, n: int, dtype, device_kind: str | None = None
   """
   del device_kind
   itemsize = np.dtype(dtype).itemsize
-  cols = next_power_of_2(n)
+  cols = pl.next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS:
     raise NotImplementedError(
         f"the backward kernel holds a row in registers; rows of {n} elements "
@@ -205,4 +202,4 @@ def get_backward_config(rows: int, n: int, dtype, device_kind: str | None = None
       num_warps=num_warps, programs_per_sm=per_sm, prefetch=prefetch,
       min_blocks_per_program=_BACKWARD_MIN_BLOCKS_PER_PROGRAM,
       hold_scale=prefetch and per_sm <= _HOLD_SCALE_MAX_PROGRAMS_PER_SM,
-      dscale_by_columns=-(-rows // block_rows) <= _COLUMN_MAX_ROW_BLOCKS)
+      dscale_by_columns=pl.cdiv(rows, block_rows) <= _COLUMN_MAX_ROW_BLOCKS)
