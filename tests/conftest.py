@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+
+# tests/multidevice runs in a process of its own (test_sharding.py starts
+# it) with 8 CPU devices, set before JAX starts.
+if os.environ.get("JAX_RMSNORM_MULTIDEVICE"):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                             "--xla_force_host_platform_device_count=8")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import testing
@@ -31,3 +39,7 @@ def assert_close(y, ref: np.ndarray, dtype, n: int) -> None:
   assert excess <= 0, (
       f"max excess {excess:.3g} at {worst}: got {np.asarray(y)[worst]!r}, "
       f"want {ref[worst]!r} (tol {testing.tolerance(dtype, n):.3g})")
+
+# tests/multidevice is collected only in its own process.
+collect_ignore = ([] if os.environ.get("JAX_RMSNORM_MULTIDEVICE")
+                  else ["multidevice"])

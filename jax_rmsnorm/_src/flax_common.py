@@ -28,8 +28,11 @@ def check_supported_options(x, *, reduction_axes, feature_axes, axis_name,
   if axis_name is not None or axis_index_groups is not None:
     raise NotImplementedError(
         f"axis_name={axis_name!r}, axis_index_groups={axis_index_groups!r}: "
-        "cross-device statistics (pmap/shard_map collectives) are not "
-        "supported; under jit, sharded inputs need no axis_name")
+        "statistics across the devices of a pmap/shard_map axis are not "
+        "supported. Under jax.jit with sharded inputs (any mesh axes, the "
+        "hidden axis included) the layer partitions itself and needs no "
+        "axis_name; inside shard_map it normalizes each device's rows as "
+        "given")
   if mask is not None:
     raise NotImplementedError("mask: masked statistics are not supported")
 
