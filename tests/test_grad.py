@@ -282,3 +282,145 @@ def test_benchmark_shapes_compiled_backward(m, n, dtype):
   dx, _, dscale = _grads(("triton", False), x, scale, dy)
   assert_grads_close(dx, dscale, testing.oracle_grad(x, scale, dy), dtype,
                      dtype)
+
+
+def _in_float64(fn, *args):
+  """`fn` of `args` in float64 (x64 mode, restored after)."""
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    return jax.tree.map(np.asarray, fn(*(np.asarray(a, np.float64)
+                                         for a in args)))
+  finally:
+    jax.config.update("jax_enable_x64", previous)
+
+
+def _spec_loss(x, w, dy):
+  """<rms_norm(x, w), dy>, written independently of the library."""
+  xhat = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+  return jnp.sum(xhat * w * dy)
+
+
+def _second_order(loss):
+  """(grad of <grad loss, v>, jvp of grad loss along v) w.r.t. (x, w)."""
+  def hvp(x, w, dy, vx, vw):
+    gx, gw = jax.grad(loss, argnums=(0, 1))(x, w, dy)
+    return jnp.sum(gx.astype(jnp.float32) * vx) + jnp.sum(gw * vw)
+
+  def both(x, w, dy, vx, vw):
+    grad_of_grad = jax.grad(hvp, argnums=(0, 1))(x, w, dy, vx, vw)
+    jvp_of_grad = jax.jvp(
+        lambda x, w: jax.grad(loss, argnums=(0, 1))(x, w, dy), (x, w),
+        (vx.astype(x.dtype), vw))[1]
+    return (*grad_of_grad, *jvp_of_grad)
+  return both
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape,dtype", [((5, 64), "float32"),
+                                         ((13, 896), "float32"),
+                                         ((7, 1000), "bfloat16")], ids=str)
+def test_second_order_matches_float64(impl, shape, dtype):
+  """grad of grad and jvp of grad: the kernels run the first order, the
+  reference's arithmetic its derivative. Against JAX's float64 autodiff of
+  an independent formula. Each result is one more derivative of float32
+  reductions rounded once to its dtype: grad_tolerance's budget."""
+  name, interpret = impl
+  x, w = random_inputs(_seed("2nd", shape), shape, dtype, "float32")
+  dy, _ = random_inputs(_seed("2nd-dy", shape), shape, dtype)
+  vx, vw = random_inputs(_seed("2nd-v", shape), shape, "float32")
+
+  def loss(x, w, dy):
+    y = jax_rmsnorm.rms_norm(x, w, implementation=name, interpret=interpret)
+    return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+  got = jax.jit(_second_order(loss))(x, w, dy, vx, vw)
+  ref = _in_float64(_second_order(_spec_loss), x, w, dy, vx, vw)
+  for g, r in zip(got, ref):
+    err = testing.relative_error(g, r)
+    assert err <= testing.grad_tolerance(dtype, shape[-1]), err
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_x64_mode(impl):
+  """With jax_enable_x64: a float64 scale (x64's default dtype) is cast to
+  float32 inside and its gradient comes back in float64; forward, gradients
+  and add_rms_norm work in interpret mode and compiled."""
+  name, interpret = impl
+  norm = functools.partial(jax_rmsnorm.rms_norm, implementation=name,
+                           interpret=interpret)
+  x, scale = random_inputs(61, (6, 520), "bfloat16", "float32")
+  dy, _ = random_inputs(62, (6, 520), "bfloat16")
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    scale64 = jnp.asarray(np.asarray(scale, np.float64))
+    assert scale64.dtype == jnp.float64
+    y = jax.jit(norm)(x, scale64)
+
+    def loss(x, s):
+      return jnp.sum(norm(x, s).astype(jnp.float32) * dy.astype(jnp.float32))
+
+    dx, dscale = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale64)
+    _, h = jax.jit(functools.partial(jax_rmsnorm.add_rms_norm,
+                                     implementation=name,
+                                     interpret=interpret))(x, x, scale64)
+  finally:
+    jax.config.update("jax_enable_x64", previous)
+  assert y.dtype == jnp.bfloat16 and dscale.dtype == jnp.float64
+  testing_close = testing.worst_excess(y, testing.oracle(x, scale),
+                                       "bfloat16", 520)[0]
+  assert testing_close <= 0, testing_close
+  assert_grads_close(dx, dscale.astype(jnp.float32),
+                     testing.oracle_grad(x, scale, dy), "bfloat16", "float32")
+  np.testing.assert_array_equal(np.asarray(h), np.asarray(x + x))
+
+
+def _kernel_inputs(jaxpr, name: str) -> list[int]:
+  """Number of operands of each pallas_call named `name` in a jaxpr."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call" and name in str(
+        eqn.params.get("name_and_src_info", eqn.params.get("name", ""))):
+      found.append(len(eqn.invars))
+    for value in eqn.params.values():
+      inner = getattr(value, "jaxpr", None)
+      if inner is not None and hasattr(inner, "eqns"):
+        found += _kernel_inputs(inner, name)
+  return found
+
+
+def test_unused_outputs_cost_nothing_in_the_backward():
+  """add_rms_norm with only y used: the backward kernel gets no dh (no zeros
+  materialized); with only h used: no backward kernel, d(x) = d(residual) =
+  dh passes straight through."""
+  x, scale = random_inputs(71, (9, 256), "float32")
+  res, _ = random_inputs(72, (9, 256), "float32")
+  kernel = dict(implementation="triton", interpret=True)
+
+  def y_only(x, r, s):
+    return jnp.sum(jax_rmsnorm.add_rms_norm(x, r, s, **kernel)[0] ** 2)
+
+  def h_only(x, r, s):
+    return jnp.sum(jax_rmsnorm.add_rms_norm(x, r, s, **kernel)[1] * 3.0)
+
+  grad = jax.grad(y_only, argnums=(0, 1, 2))
+  def both(x, r, s):
+    y, h = jax_rmsnorm.add_rms_norm(x, r, s, **kernel)
+    return jnp.sum(y ** 2) + jnp.sum(h * 3.0)
+
+  with_dh = jax.grad(both, argnums=(0, 1, 2))
+  name = triton_backward.KERNEL_NAME
+  # x (here h), dy, scale, rstd; dh only where h is used.
+  assert _kernel_inputs(jax.make_jaxpr(grad)(x, res, scale).jaxpr,
+                        name) == [4]
+  assert _kernel_inputs(jax.make_jaxpr(with_dh)(x, res, scale).jaxpr,
+                        name) == [5]
+  dx, dres, dscale = jax.jit(jax.grad(h_only, argnums=(0, 1, 2)))(
+      x, res, scale)
+  assert not _kernel_inputs(
+      jax.make_jaxpr(jax.grad(h_only, argnums=(0, 1, 2)))(
+          x, res, scale).jaxpr, name)
+  np.testing.assert_array_equal(np.asarray(dx), np.full(x.shape, 3.0))
+  np.testing.assert_array_equal(np.asarray(dres), np.full(x.shape, 3.0))
+  np.testing.assert_array_equal(np.asarray(dscale), np.zeros(256))

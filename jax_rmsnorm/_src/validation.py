@@ -39,19 +39,43 @@ class Options:
     return dict(scale_offset=self.scale_offset, cast_order=self.cast_order)
 
 
-def as_float_array(name: str, value) -> jax.Array:
-  """`value` as a jax.Array of a supported dtype, checked before conversion
-  (jnp.asarray would silently turn float64 into float32)."""
+def _checked(check, exception_type, message: str) -> None:
+  """Runs a chex assertion; on failure raises `exception_type(message)`, our
+  sentence first (chex's own text stays in the chained exception)."""
+  try:
+    check()
+  except (AssertionError, TypeError, ValueError) as e:
+    raise exception_type(message) from e
+
+
+def _array(name: str, value):
+  """`value` if it is an array (of any dtype yet); TypeError otherwise."""
   if not isinstance(value, (jax.Array, np.ndarray)):
     raise TypeError(f"{name} must be a jax.Array or numpy.ndarray, got "
                     f"{type(value).__name__} ({value!r:.80})")
-  chex.assert_type(value, float, exception_type=TypeError,
-                   custom_message=f"{name} must be a floating-point array")
+  return value
+
+
+def _float_dtype(name: str, value, *, cast_float64: bool = False):
+  """`value` as a jax.Array of a supported dtype, checked before conversion
+  (jnp.asarray would silently turn float64 into float32). With
+  `cast_float64` a float64 array (x64 mode's default, for a parameter) is
+  cast to float32; its gradient comes back in float64."""
+  _checked(lambda: chex.assert_type(value, float), TypeError,
+           f"{name} must be a floating-point array, got {name}.dtype="
+           f"{value.dtype}")
+  if cast_float64 and value.dtype == np.float64:
+    return jnp.asarray(value).astype(jnp.float32)
   if value.dtype not in SUPPORTED_DTYPES:
     raise TypeError(
         f"{name}.dtype={value.dtype} is not supported; use one of "
         f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
   return jnp.asarray(value)
+
+
+def as_float_array(name: str, value) -> jax.Array:
+  """`value` as a jax.Array of a supported float dtype, or TypeError."""
+  return _float_dtype(name, _array(name, value))
 
 
 def static_float(name: str, value, *, positive: bool) -> float:
@@ -73,24 +97,33 @@ def static_float(name: str, value, *, positive: bool) -> float:
 def check_args(x, residual, scale, epsilon, scale_offset, out_dtype,
                cast_order):
   """Validates the arguments of `rms_norm`/`add_rms_norm` (residual None for
-  the former); returns (x, residual, scale, Options), canonicalized."""
-  x = as_float_array("x", x)
+  the former); returns (x, residual, scale, Options), canonicalized.
+
+  Shapes are checked before dtypes, so that a wrong shape is reported as
+  such whatever the dtypes; a float64 scale (x64 mode's default dtype) is
+  cast to float32.
+  """
+  x = _array("x", x)
   if x.ndim < 1:
     raise ValueError(f"x must have at least one axis, got {x.shape=}")
   n = x.shape[-1]
   if n == 0:
     raise ValueError(f"the last axis of x must be non-empty, got {x.shape=}")
   if residual is not None:
-    residual = as_float_array("residual", residual)
-    if residual.shape != x.shape:
-      raise ValueError(f"residual must have x's shape {x.shape}, got "
-                       f"{residual.shape=}")
+    residual = _array("residual", residual)
+    _checked(lambda: chex.assert_shape(residual, x.shape), ValueError,
+             f"residual must have x's shape {x.shape}, got "
+             f"{residual.shape=}")
   if scale is not None:
-    scale = as_float_array("scale", scale)
-    chex.assert_shape(
-        scale, (n,), exception_type=ValueError,
-        custom_message=f"scale must have shape ({n},) to match {x.shape=}, "
-        f"got {scale.shape=}")
+    scale = _array("scale", scale)
+    _checked(lambda: chex.assert_shape(scale, (n,)), ValueError,
+             f"scale must have shape ({n},) to match {x.shape=}, got "
+             f"{scale.shape=}")
+  x = _float_dtype("x", x)
+  if residual is not None:
+    residual = _float_dtype("residual", residual)
+  if scale is not None:
+    scale = _float_dtype("scale", scale, cast_float64=True)
   epsilon = static_float("epsilon", epsilon, positive=True)
   scale_offset = static_float("scale_offset", scale_offset, positive=False)
   if scale is None and scale_offset != 0.0:

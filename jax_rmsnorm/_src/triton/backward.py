@@ -72,7 +72,7 @@ def _backward_kernel(*refs, n: int, m: int, offset: float, has_dh: bool,
     if live is not None:
       live = jnp.broadcast_to(live, (block_cols,))
       mask = live if mask is None else mask & live
-    at = scale_ref.at[pl.ds(k * block_cols, block_cols)]
+    at = common.columns(scale_ref, k * block_cols, block_cols)
     if mask is None:
       return plgpu.load(at)
     return plgpu.load(at, mask=mask, other=0.0)
@@ -95,8 +95,8 @@ def _backward_kernel(*refs, n: int, m: int, offset: float, has_dh: bool,
     return first_row, row_ids, masks
 
   def at(ref, first_row, k):
-    return ref.at[pl.ds(first_row, block_rows),
-                  pl.ds(k * block_cols, block_cols)]
+    return ref.at[common.ds(first_row, block_rows),
+                  common.ds(k * block_cols, block_cols)]
 
   def load_rows(ref, first_row, masks):
     return [plgpu.load(at(ref, first_row, k), mask=masks[k], other=0.0)
@@ -107,7 +107,7 @@ def _backward_kernel(*refs, n: int, m: int, offset: float, has_dh: bool,
     first_row, row_ids, masks = rows_of(t)
     xs = load_rows(x_ref, first_row, masks)
     dys = load_rows(dy_ref, first_row, masks)
-    rstd = plgpu.load(rstd_ref.at[pl.ds(first_row, block_rows)],
+    rstd = plgpu.load(rstd_ref.at[common.ds(first_row, block_rows)],
                       mask=row_ids < m, other=0.0)
     return xs, dys, rstd
 
@@ -159,7 +159,7 @@ def _backward_kernel(*refs, n: int, m: int, offset: float, has_dh: bool,
         jnp.int32(0), jnp.int32(steps),
         lambda t, accs: compute(t, load_block(t), accs), accs)
   for k, acc in enumerate(accs):
-    plgpu.store(dw_ref.at[:, pl.ds(k * block_cols, block_cols)],
+    plgpu.store(common.columns(dw_ref, k * block_cols, block_cols),
                 jnp.sum(acc, axis=0, keepdims=True))
   if scale_ref is not None and column_tile is not None:
     _column_sums(x_ref, dy_ref, rstd_ref, dw_ref, n=n, m=m, pid=pid,
@@ -184,11 +184,11 @@ def _column_sums(x_ref, dy_ref, rstd_ref, dw_ref, *, n, m, pid, num_programs,
       row_ids = first_row + jax.lax.iota(jnp.int32, tile_rows)
       mask = col_ok & (
           first_row + jax.lax.broadcasted_iota(jnp.int32, shape, 0) < m)
-      at = lambda ref: ref.at[pl.ds(first_row, tile_rows),
-                              pl.ds(first_col, tile_cols)]
+      at = lambda ref: ref.at[common.ds(first_row, tile_rows),
+                              common.ds(first_col, tile_cols)]
       x = plgpu.load(at(x_ref), mask=mask, other=0.0)
       dy = plgpu.load(at(dy_ref), mask=mask, other=0.0)
-      rstd = plgpu.load(rstd_ref.at[pl.ds(first_row, tile_rows)],
+      rstd = plgpu.load(rstd_ref.at[common.ds(first_row, tile_rows)],
                         mask=row_ids < m, other=0.0)
       xhat = x.astype(jnp.float32) * jax.lax.broadcast_in_dim(
           rstd, shape, (0,))
@@ -199,7 +199,7 @@ def _column_sums(x_ref, dy_ref, rstd_ref, dw_ref, *, n, m, pid, num_programs,
     acc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(m, tile_rows)),
                             row_step, jnp.zeros(shape, jnp.float32))
     cols = first_col + jax.lax.iota(jnp.int32, tile_cols)
-    plgpu.store(dw_ref.at[pl.ds(first_col, tile_cols)],
+    plgpu.store(dw_ref.at[common.ds(first_col, tile_cols)],
                 jnp.sum(acc, axis=0).astype(dw_ref.dtype), mask=cols < n)
     return carry
 

@@ -23,6 +23,22 @@ def round_trip(value: jax.Array, dtype, interpret: bool) -> jax.Array:
   return value.astype(dtype).astype(jnp.float32)
 
 
+def ds(start, size: int) -> pl.Slice:
+  """`pl.ds` with an int32 start: in x64 mode a Python int start would be
+  int64 beside the int32 program ids, which Pallas cannot mix."""
+  if isinstance(start, int):
+    start = jnp.int32(start)
+  return pl.ds(start, size)
+
+
+def columns(ref, start, size: int):
+  """`ref[..., start:start + size]` of a 1-D or 2-D ref, every index int32
+  (a bare `:` would be an int64 zero in x64 mode)."""
+  if ref.ndim == 1:
+    return ref.at[ds(start, size)]
+  return ref.at[ds(0, ref.shape[0]), ds(start, size)]
+
+
 def check_supported(m: int, n: int, dtype=None, *,
                     backward: bool = False) -> None:
   """Raises NotImplementedError where the kernels cannot run (m rows of n,

@@ -66,9 +66,7 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
     return mask, (scale_cols < n) if need_cols else None
 
   def chunk(ref, k):
-    if ref.ndim == 1:
-      return ref.at[pl.ds(k * block_cols, block_cols)]
-    return ref.at[:, pl.ds(k * block_cols, block_cols)]
+    return common.columns(ref, k * block_cols, block_cols)
 
   def load(ref, k, mask):
     if mask is None:
