@@ -1,21 +1,24 @@
-"""Public entry points: validate, then dispatch to an implementation."""
+"""Public entry points: validate, then hand to dispatch."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
-import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jax_rmsnorm._src import dispatch
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import validation
 
-Implementation = str | Sequence[str] | None
+ImplementationName = Literal["mosaic", "triton", "xla"]
+Implementation = ImplementationName | Sequence[ImplementationName] | None
+CastOrder = Literal["float32", "hf"]
 
 
-def _dispatch(x, residual, scale, *, epsilon, scale_offset, out_dtype,
-              cast_order, implementation, interpret):
+def _run(x, residual, scale, *, epsilon, scale_offset, out_dtype, cast_order,
+         implementation, interpret):
   x, residual, scale, opts = validation.check_args(
       x, residual, scale, epsilon, scale_offset, out_dtype, cast_order)
   names, fallback = validation.canonicalize_implementation(
@@ -27,56 +30,18 @@ def _dispatch(x, residual, scale, *, epsilon, scale_offset, out_dtype,
                       fallback=fallback, interpret=bool(interpret))
 
 
-_ARGS_DOC = """
-  Args:
-    x: array of shape `(..., N)`, any number of leading axes (none included),
-      dtype float16, bfloat16 or float32. Zero rows give an empty result.
-    scale: `(N,)` array of float16, bfloat16 or float32 (it may differ from
-      x's dtype, e.g. bfloat16 x with a float32 parameter), or None.
-    epsilon: added to the mean square; a static Python number, finite, > 0.
-    scale_offset: added to `scale` in float32; 1.0 gives Gemma's `(1 + scale)`.
-    out_dtype: dtype of y; None (the default) keeps the normalized input's.
-    cast_order: "float32" (default): normalize and scale in float32, round
-      once. "hf": Hugging Face LlamaRMSNorm's order, bit for bit: normalize in
-      float32, round to the input dtype, multiply by the scale, round again.
-    implementation: None picks the Pallas kernel on an NVIDIA GPU and the
-      reference elsewhere, falling back to the reference where the kernel
-      cannot run. `"triton"` (the Pallas kernel, Triton backend) or `"xla"`
-      (the reference) run that one and fail loudly otherwise; a sequence is
-      tried in order.
-    interpret: run the Pallas kernels in Pallas interpret mode (any backend,
-      CPU included). Slow; for testing.
-
-  Gradients: differentiable in every array argument (jit, vmap, remat). With
-  the kernel, the forward saves a float32 rstd per row and one backward kernel
-  computes dx and float32 per-program partial sums of d(scale); rows longer
-  than the backward kernel holds (16384) use the reference's gradient (DEBUG
-  log), or raise NotImplementedError when "triton" was named alone.
-  The "xla" implementation is differentiated by JAX's autodiff.
-
-  Raises:
-    TypeError, ValueError: invalid arguments, before anything is compiled.
-    NotImplementedError: the implementation(s) asked for cannot run here.
-"""
-
-
 def rms_norm(
     x: jax.Array,
     scale: jax.Array | None = None,
     *,
     epsilon: float = 1e-6,
     scale_offset: float = 0.0,
-    out_dtype=None,
-    cast_order: str = "float32",
+    out_dtype: DTypeLike | None = None,
+    cast_order: CastOrder = "float32",
     implementation: Implementation = None,
     interpret: bool = False,
 ) -> jax.Array:
-  return _dispatch(x, None, scale, epsilon=epsilon, scale_offset=scale_offset,
-                   out_dtype=out_dtype, cast_order=cast_order,
-                   implementation=implementation, interpret=interpret)[0]
-
-
-rms_norm.__doc__ = """Root-mean-square normalization over the last axis of `x`.
+  """Root-mean-square normalization over the last axis of `x`.
 
   Computes, in float32 with one rounding at the end::
 
@@ -91,10 +56,48 @@ rms_norm.__doc__ = """Root-mean-square normalization over the last axis of `x`.
     if scale is not None:
       y = y * (scale_offset + scale.astype(jnp.float32))
     y = y.astype(out_dtype or x.dtype)
-""" + _ARGS_DOC + """
+
+  Args:
+    x: array of shape `(..., N)`, any number of leading axes (none included),
+      dtype float16, bfloat16 or float32. Zero rows give an empty result.
+      Sharded arrays work under `jax.jit` (any mesh, Auto or Explicit axes,
+      the hidden axis included) and inside `shard_map`.
+    scale: `(N,)` array of float16, bfloat16 or float32 (it may differ from
+      x's dtype, e.g. bfloat16 x with a float32 parameter; a float64 one, x64
+      mode's default, is cast to float32), or None.
+    epsilon: added to the mean square; a static Python number, finite, > 0.
+    scale_offset: added to `scale` in float32; 1.0 gives Gemma's `(1 + scale)`.
+    out_dtype: dtype of y; None (the default) keeps x's.
+    cast_order: "float32" (default): normalize and scale in float32, round
+      once. "hf": Hugging Face LlamaRMSNorm's order, bit for bit: normalize in
+      float32, round to the input dtype, multiply by the scale, round again.
+    implementation: None (default) decides at lowering time: on CUDA the
+      fastest of the kernels and XLA for this GPU, dtype and shape (a table
+      the benchmarks measured), falling back to XLA with one WARNING where a
+      kernel cannot run; on any other platform the reference. `"triton"`,
+      `"mosaic"` (Pallas kernels, Triton or Mosaic GPU backend) or `"xla"`
+      (the reference) run that one and fail loudly otherwise; a sequence is
+      tried in order, the forward and the backward each taking the first
+      that can run.
+    interpret: run the Pallas kernels in Pallas interpret mode (any backend,
+      CPU included). Slow; for testing.
+
   Returns:
     y, an array of `x.shape` and dtype `out_dtype or x.dtype`.
-"""
+
+  Gradients: differentiable in every array argument (jit, vmap, remat,
+  second order). With a kernel, the forward saves a float32 rstd per row
+  and one backward kernel computes dx and d(scale); second derivatives use
+  the reference's arithmetic. The "xla" implementation is differentiated by
+  JAX's autodiff.
+
+  Raises:
+    TypeError, ValueError: invalid arguments, before anything is compiled.
+    NotImplementedError: the implementation(s) asked for cannot run here.
+  """
+  return _run(x, None, scale, epsilon=epsilon, scale_offset=scale_offset,
+              out_dtype=out_dtype, cast_order=cast_order,
+              implementation=implementation, interpret=interpret)[0]
 
 
 def add_rms_norm(
@@ -104,21 +107,12 @@ def add_rms_norm(
     *,
     epsilon: float = 1e-6,
     scale_offset: float = 0.0,
-    out_dtype=None,
-    cast_order: str = "float32",
+    out_dtype: DTypeLike | None = None,
+    cast_order: CastOrder = "float32",
     implementation: Implementation = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  if residual is None:
-    raise TypeError("residual must be a jax.Array or numpy.ndarray, got None;"
-                    " use rms_norm to normalize without a residual")
-  return _dispatch(x, residual, scale, epsilon=epsilon,
-                   scale_offset=scale_offset, out_dtype=out_dtype,
-                   cast_order=cast_order, implementation=implementation,
-                   interpret=interpret)
-
-
-add_rms_norm.__doc__ = """Residual add fused with RMSNorm: returns `(y, h)`.
+  """Residual add fused with RMSNorm: returns `(y, h)`.
 
   One kernel reads x and residual once and writes y and h. Equivalent to::
 
@@ -127,17 +121,28 @@ add_rms_norm.__doc__ = """Residual add fused with RMSNorm: returns `(y, h)`.
     y = rms_norm(h, scale, ...)        # normalizes the rounded h
 
   which is what the unfused `h = x + residual; y = rms_norm(h, scale)` computes
-  when x and residual share a dtype. Gradients: d(residual) = d(x) = dh plus
-  the gradient through y, in residual's and x's dtypes.
+  when x and residual share a dtype.
 
   Args:
+    x, scale, epsilon, scale_offset, cast_order, implementation, interpret:
+      as for `rms_norm`.
     residual: the residual stream, x's shape, float16/bfloat16/float32; h has
       its dtype.
-""" + _ARGS_DOC.replace("\n  Args:\n", "\n") + """
+    out_dtype: dtype of y; None (the default) keeps residual's.
+
   Returns:
     (y, h): y of dtype `out_dtype or residual.dtype`, h of residual's dtype,
     both of `x.shape`.
-"""
+
+  Gradients: d(residual) = d(x) = dh plus the gradient through y, in
+  residual's and x's dtypes; an unused y or h costs the backward nothing.
+  """
+  if residual is None:
+    raise TypeError("residual must be a jax.Array or numpy.ndarray, got None;"
+                    " use rms_norm to normalize without a residual")
+  return _run(x, residual, scale, epsilon=epsilon, scale_offset=scale_offset,
+              out_dtype=out_dtype, cast_order=cast_order,
+              implementation=implementation, interpret=interpret)
 
 
 def rms_norm_reference(
@@ -146,13 +151,13 @@ def rms_norm_reference(
     *,
     epsilon: float = 1e-6,
     scale_offset: float = 0.0,
-    out_dtype=None,
-    cast_order: str = "float32",
+    out_dtype: DTypeLike | None = None,
+    cast_order: CastOrder = "float32",
 ) -> jax.Array:
   """The specification of `rms_norm` in plain jnp (its "xla" implementation).
 
   Same arguments, validation and result as `rms_norm(..., implementation=
-  "xla")`.
+  "xla")`, differentiated by JAX's autodiff.
   """
   return rms_norm(x, scale, epsilon=epsilon, scale_offset=scale_offset,
                   out_dtype=out_dtype, cast_order=cast_order,
