@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jax_rmsnorm
@@ -32,17 +33,24 @@ def _abstract_h100():
   return jax.sharding.use_abstract_mesh(mesh)
 
 
-def export_for_cuda(fn, *args) -> str:
-  """The StableHLO text of `fn(*args)` lowered for CUDA."""
+def export(fn, *args, platforms=("cuda",)) -> jax.export.Exported:
+  """`fn(*args)` exported for `platforms` (CUDA lowered on this CPU host)."""
   checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
   with _abstract_h100():
-    exported = jax.export.export(jax.jit(fn), platforms=["cuda"],
-                                 disabled_checks=checks)(*args)
-  return exported.mlir_module()
+    return jax.export.export(jax.jit(fn), platforms=list(platforms),
+                             disabled_checks=checks)(*args)
+
+
+def export_for_cuda(fn, *args) -> str:
+  """The StableHLO text of `fn(*args)` lowered for CUDA."""
+  return export(fn, *args).mlir_module()
 
 
 def _kernel_calls(text: str) -> list[str]:
   return [l for l in text.splitlines() if TRITON_CALL in l]
+
+
+_REAL_ON_CUDA_GPU = platform.on_cuda_gpu
 
 
 @pytest.fixture(autouse=True)
@@ -113,3 +121,27 @@ def test_training_step_lowers_to_forward_and_backward_kernels(
       triton_forward.KERNEL_NAME, triton_backward.KERNEL_NAME) if name in c)
   assert names == sorted([triton_backward.KERNEL_NAME,
                           triton_forward.KERNEL_NAME]), calls
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "grad"])
+def test_automatic_choice_is_made_per_platform_at_lowering(grad,
+                                                           monkeypatch):
+  """implementation=None on this CPU host: an export for CUDA carries the
+  kernels (not the reference, silently); one for CUDA and CPU carries both
+  and runs here with the reference's values."""
+  monkeypatch.setattr(platform, "on_cuda_gpu", _REAL_ON_CUDA_GPU)
+  x = jax.random.normal(jax.random.key(0), (6, 640), jnp.bfloat16)
+  scale = jnp.linspace(0.5, 1.5, 640, dtype=jnp.float32)
+
+  def loss(x, scale):
+    return jnp.sum(jax_rmsnorm.rms_norm(x, scale).astype(jnp.float32) ** 2)
+
+  fn = jax.grad(loss, argnums=(0, 1)) if grad else jax_rmsnorm.rms_norm
+  for platforms in (["cuda"], ["cuda", "cpu"]):
+    exported = export(fn, x, scale, platforms=platforms)
+    calls = _kernel_calls(exported.mlir_module())
+    assert len(calls) == 1 + grad, calls
+  got = exported.call(x, scale)
+  want = jax.jit(fn)(x, scale)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

@@ -5,7 +5,7 @@ and the backward together.
   NotImplementedError; a sequence is tried in order, each op taking the first
   name that supports it.
 - `implementation=None` picks per platform at lowering time
-  (`jax.lax.platform_dependent`): on CUDA the implementation that the speed
+  (`per_platform.call`, platform_dependent's equivalent): on CUDA the implementation that the speed
   table (`speed_table.choose`) names for this card generation, dtype and
   shape class, where it can run; everywhere else the reference. One jitted
   or exported function carries both. Falling back from a kernel on a GPU
@@ -26,6 +26,7 @@ import logging
 
 import jax
 
+from jax_rmsnorm._src import per_platform
 from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import speed_table
@@ -173,9 +174,8 @@ def _per_platform(plan: Plan, name: str, kernel_fn, reference_fn):
     return kernel_fn
 
   def run(*args, **kwargs):
-    return jax.lax.platform_dependent(
-        *args, cuda=functools.partial(kernel_fn, **kwargs),
-        default=functools.partial(reference_fn, **kwargs))
+    return per_platform.call(functools.partial(kernel_fn, **kwargs),
+                             functools.partial(reference_fn, **kwargs), *args)
   return run
 
 

@@ -180,6 +180,13 @@ def _partitioned_forward(local: LocalForward, save_rstd: bool):
   return define
 
 
+def _one_device() -> bool:
+  """Nothing can be sharded: custom_partitioning would only be inlined (and
+  it cannot be exported with an abstract device, as CPU-hosted CUDA exports
+  are)."""
+  return jax.device_count() == 1
+
+
 def _batchable_forward(local: LocalForward, save_rstd: bool):
   """The partitioned forward, under vmap too (custom_partitioning has no
   batching rule): a batched x is more leading axes; a batched scale is
@@ -188,7 +195,7 @@ def _batchable_forward(local: LocalForward, save_rstd: bool):
 
   @jax.custom_batching.custom_vmap
   def run(x, residual, scale):
-    if x.ndim < 2:  # No leading axis to shard: nothing to partition.
+    if x.ndim < 2 or _one_device():  # Nothing to partition.
       return local(x, residual, scale, save_rstd=save_rstd, hidden_axes=())
     return define(x.ndim, residual is not None, scale is not None)(
         x, residual, scale)
@@ -294,7 +301,7 @@ def _batchable_backward(local: LocalBackward):
 
   @jax.custom_batching.custom_vmap
   def run(x, dy, dh, scale, rstd):
-    if x.ndim < 2:
+    if x.ndim < 2 or _one_device():
       return local(x, dy, dh, scale, rstd, hidden_axes=())
     return define(x.ndim, dh is not None, scale is not None)(
         x, dy, dh, scale, rstd)
