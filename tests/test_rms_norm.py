@@ -161,7 +161,7 @@ def test_fallback_is_logged(caplog, monkeypatch):
   assert len(warnings) == 1, caplog.text
   assert f"2 rows of {triton_config.MAX_COLS + 1}" in warnings[0].message
   assert "forward and backward" in warnings[0].message
-  assert "run on XLA" in warnings[0].message
+  assert "run on 'xla'" in warnings[0].message
   with pytest.raises(NotImplementedError, match="limit"):
     jax.eval_shape(functools.partial(
         jax_rmsnorm.rms_norm, implementation="triton", interpret=True), x)

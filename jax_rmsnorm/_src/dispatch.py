@@ -82,12 +82,14 @@ def _backend(name: str) -> _Backend:
 
 
 def _check(name: str, m: int, n: int, dtype, *, backward: bool,
-           interpret: bool) -> None:
-  """Raises NotImplementedError, saying why, where `name` cannot run."""
+           interpret: bool = False, need_gpu: bool = True) -> None:
+  """Raises NotImplementedError, saying why, where `name` cannot run: the
+  kernels' limits, whether this JAX has them, and, unless interpreted, the
+  GPU they need (`need_gpu=False`: the CUDA branch of an automatic choice,
+  which may be lowered on a host without one)."""
   if name == "xla":
     return
-  if not interpret:
-    kind = platform.device_kind()
+  if not interpret and (need_gpu or platform.on_cuda_gpu()):
     if not platform.on_cuda_gpu():
       raise NotImplementedError(
           f"the {name!r} implementation needs an NVIDIA GPU (default backend "
@@ -95,8 +97,8 @@ def _check(name: str, m: int, n: int, dtype, *, backward: bool,
           "Pallas interpret mode, or use implementation='xla'")
     if name == "mosaic" and (platform.compute_capability() or 0) < 9.0:
       raise NotImplementedError(
-          f"the 'mosaic' kernels need compute capability 9.0 or newer "
-          f"(Hopper); this GPU is {kind!r}")
+          "the 'mosaic' kernels need compute capability 9.0 or newer "
+          f"(Hopper); this GPU is {platform.device_kind()!r}")
   _backend(name).check(m, n, dtype, backward=backward)
 
 
@@ -139,25 +141,37 @@ def plan(names: tuple[str, ...], fallback: bool, interpret: bool, m: int,
   return Plan(chosen[0], chosen[1], auto=False, interpret=interpret)
 
 
+# The automatic choice's order of kernels after the table's own.
+_KERNEL_PREFERENCE = ("mosaic", "triton")
+
+
 def _auto_plan(m, n, dtype) -> Plan:
-  """implementation=None: the table's choice per op for CUDA."""
+  """implementation=None: per op, the table's choice for CUDA; where that
+  kernel cannot run, the next kernel that can, else XLA."""
   chosen, fallbacks = [], {}
   for op, backward in (("forward", False), ("backward", True)):
-    name = speed_table.choose(op, platform.generation(), m, n, dtype)
-    if name == "xla":
+    best = speed_table.choose(op, platform.generation(), m, n, dtype)
+    if best == "xla":
       logger.debug("rms_norm %s: XLA is the faster choice at (%d, %d) %s",
                    op, m, n, dtype)
-    else:
+      chosen.append(best)
+      continue
+    candidates = [best] + [k for k in _KERNEL_PREFERENCE if k != best]
+    reasons = []
+    for name in candidates + ["xla"]:
       try:
-        # On a CPU host (exporting for CUDA, say) only the limits apply.
-        _backend(name).check(m, n, dtype, backward=backward)
+        _check(name, m, n, dtype, backward=backward, need_gpu=False)
       except NotImplementedError as e:
-        fallbacks.setdefault(f"the {name!r} kernel: {e}", []).append(op)
-        name = "xla"
-    chosen.append(name)
-  for reason, ops in fallbacks.items():
+        reasons.append(f"{name!r}: {e}")
+        continue
+      chosen.append(name)
+      break
+    if name != best:
+      fallbacks.setdefault((name, reasons[0]), []).append(op)
+  for (name, reason), ops in fallbacks.items():
     message = (f"jax_rmsnorm: the {' and '.join(ops)} of {m} rows of {n} "
-               f"({jax.numpy.dtype(dtype).name}) run on XLA, not {reason}")
+               f"({jax.numpy.dtype(dtype).name}) run on {name!r}, not "
+               f"{reason}")
     if platform.on_cuda_gpu():  # A performance cliff: say so, once.
       _warn_once(message)
     else:

@@ -1,0 +1,94 @@
+"""What runs: the speed table, the automatic choice, and life without a
+kernel family (a future JAX may remove Pallas's Triton backend)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+
+from jax_rmsnorm._src import speed_table
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_speed_table_is_a_pure_lookup():
+  """Same answer for the same class, whatever the batch within it; every
+  entry names a known implementation."""
+  table = speed_table._table()  # pylint: disable=protected-access
+  for generation, ops in table["generations"].items():
+    for op, entries in ops.items():
+      assert op in speed_table.OPS, (generation, op)
+      for cls, name in entries.items():
+        assert name in ("mosaic", "triton", "xla"), (generation, op, cls)
+        assert len(cls.split("/")) == 3, cls
+  for op in speed_table.OPS:
+    assert (speed_table.choose(op, "sm90", 4096, 4096, "bfloat16")
+            == speed_table.choose(op, "sm90", 8192, 4096, "bfloat16"))
+    assert speed_table.choose(op, None, 1, 8, "float32") == (
+        speed_table.DEFAULT)
+  assert speed_table.shape_class(16, 4096, jnp.bfloat16) == (
+      "bfloat16/decode/aligned")
+  assert speed_table.shape_class(1024, 4099, "float32") == (
+      "float32/small/unaligned")
+  assert speed_table.shape_class(32768, 4096, "float32") == (
+      "float32/large/aligned")
+
+
+_WITHOUT_TRITON = textwrap.dedent("""
+    import logging, sys
+    sys.modules["jax.experimental.pallas.triton"] = None  # as if removed
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    import jax, jax.numpy as jnp, numpy as np
+    import jax_rmsnorm, jax_rmsnorm.nnx, jax_rmsnorm.linen
+    from jax_rmsnorm._src import platform
+    platform.on_cuda_gpu = lambda: True      # an NVIDIA GPU, pre-Hopper
+    platform.compute_capability = lambda: 8.0
+    x = jnp.linspace(-1, 1, 3 * 256, dtype=jnp.float32).reshape(3, 256)
+    for _ in range(2):
+      y = jax.eval_shape(jax_rmsnorm.rms_norm, x)
+    try:
+      jax_rmsnorm.rms_norm(x, implementation="triton")
+    except NotImplementedError as e:
+      print("named:", e)
+    print("ok", y.shape)
+""")
+
+
+def test_package_works_without_the_triton_backend():
+  """Without jax.experimental.pallas.triton the package imports, the
+  automatic choice falls back (to XLA before Hopper) with one WARNING, and
+  naming "triton" says why it cannot run."""
+  result = subprocess.run(
+      [sys.executable, "-c", _WITHOUT_TRITON], cwd=ROOT, capture_output=True,
+      text=True, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = result.stdout + result.stderr
+  assert result.returncode == 0, out
+  warnings = [l for l in out.splitlines() if l.startswith("WARNING")]
+  assert len(warnings) == 1, out
+  assert "run on 'xla'" in warnings[0] and "cannot be imported" in (
+      warnings[0]), out
+  assert "named: the 'triton' kernels cannot be imported" in out, out
+  assert "ok (3, 256)" in out, out
+
+
+def test_table_choice_of_xla_runs_the_reference(monkeypatch):
+  """Where the table says XLA is faster, the program holds no kernel, and
+  JAX's own autodiff of the reference."""
+  from jax_rmsnorm._src.triton import forward as triton_forward
+  import jax_rmsnorm
+  monkeypatch.setattr(speed_table, "choose", lambda *a: "xla")
+  x = jnp.ones((4, 128), jnp.float32)
+  # Fresh functions each time: JAX caches traces by function.
+  text = jax.jit(lambda x: jax_rmsnorm.rms_norm(x)).lower(x).as_text()
+  assert triton_forward.KERNEL_NAME not in text
+  assert "jax_rmsnorm_per_platform" not in str(jax.make_jaxpr(
+      lambda x: jax_rmsnorm.rms_norm(x))(x))
+  monkeypatch.setattr(speed_table, "choose", lambda *a: "triton")
+  jaxpr = str(jax.make_jaxpr(lambda x: jax_rmsnorm.rms_norm(x))(x))
+  assert "jax_rmsnorm_per_platform" in jaxpr
