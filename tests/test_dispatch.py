@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_rmsnorm._src import speed_table
+from tests.conftest import assert_close, oracle, random_inputs, requires_gpu
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -92,3 +93,19 @@ def test_table_choice_of_xla_runs_the_reference(monkeypatch):
   monkeypatch.setattr(speed_table, "choose", lambda *a: "triton")
   jaxpr = str(jax.make_jaxpr(lambda x: jax_rmsnorm.rms_norm(x))(x))
   assert "jax_rmsnorm_per_platform" in jaxpr
+
+
+@requires_gpu
+def test_inputs_on_the_host_cpu_of_a_gpu_machine():
+  """The choice follows the platform lowered for, not the default device:
+  arrays committed to the CPU run the reference there."""
+  import jax_rmsnorm
+  cpu = jax.devices("cpu")[0]
+  x, scale = random_inputs(1, (8, 512), "bfloat16")
+  x, scale = jax.device_put(x, cpu), jax.device_put(scale, cpu)
+  y = jax.jit(jax_rmsnorm.rms_norm)(x, scale)
+  assert y.devices() == {cpu}
+  assert_close(y, oracle(x, scale), "bfloat16", 512)
+  dx = jax.jit(jax.grad(lambda x: jnp.sum(jax_rmsnorm.rms_norm(
+      x, scale).astype(jnp.float32))))(x)
+  assert dx.devices() == {cpu}
