@@ -1,0 +1,271 @@
+"""RMSNorm (optionally fused with a residual add) straight to float8/int8:
+Pallas, lowered through the Triton backend. A sibling of forward.py: the
+same row layout (`triton_config.get_config`), launch (`common.launch`) and
+masking; the arithmetic of `quantize.reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jax_rmsnorm._src import avals
+from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import quantize
+from jax_rmsnorm._src.triton import common
+from jax_rmsnorm._src.triton import config as triton_config
+
+logger = logging.getLogger("jax_rmsnorm")
+
+KERNEL_NAME = "jax_rmsnorm_quant"
+# Pallas's Triton lowering refuses float8_e4m3fn casts below sm_89 (Triton's
+# float32 -> float8 conversions are the cvt.rn.satfinite.{e4m3,e5m2}x2.f32
+# instructions of Ada and Hopper); float8_e5m2 below sm_89 is untried.
+_MIN_FP8_CAPABILITY = 8.9
+
+
+def check_supported(m: int, n: int, quant_dtype) -> None:
+  """Raises NotImplementedError where the quantized kernel cannot run: the
+  forward kernel's limits (`common.check_supported`; no row-length limit
+  below MAX_COLS: long rows loop), and float8 outputs on an NVIDIA GPU older
+  than sm_89. Without a GPU (interpret mode, export) fp8 is accepted."""
+  common.check_supported(m, n)
+  quant_dtype = quantize.canonicalize_quant_dtype(quant_dtype)
+  capability = platform.compute_capability()
+  if (quant_dtype != jnp.int8 and capability is not None
+      and capability < _MIN_FP8_CAPABILITY):
+    raise NotImplementedError(
+        f"the Triton kernel's {quant_dtype} output needs compute capability "
+        f">= {_MIN_FP8_CAPABILITY} (Ada, Hopper); this GPU has {capability}")
+
+
+def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
+                     quant_dtype, has_residual: bool, has_scale: bool,
+                     static: str | None, round_normalized: bool,
+                     num_chunks: int, resident: bool, interpret: bool):
+  """Normalizes and quantizes `block_rows` rows of `n` columns.
+
+  Refs: x, [residual], [scale], [inv_scale], y_q, [h], [row_scales].
+  static: None (dynamic per-row scales, written to row_scales), "scalar"
+  (inv_scale of shape (1,)) or "channel" (inv_scale of shape (n,)).
+
+  resident (or one chunk): the row's chunks are loaded once and held in
+  registers: x (+ residual) is read once, y_q (+ h) written once. Otherwise
+  (rows padded past MAX_ONE_PASS_COLS) loops over the chunks: one pass sums
+  squares (and writes h), a dynamic scale takes a second for the row's amax,
+  the last quantizes; each pass re-reads the inputs and recomputes y with the
+  same arithmetic, so the bits do not depend on the path.
+  """
+  refs = list(refs)
+  x_ref = refs.pop(0)
+  r_ref = refs.pop(0) if has_residual else None
+  scale_ref = refs.pop(0) if has_scale else None
+  inv_ref = refs.pop(0) if static else None
+  q_ref = refs.pop(0)
+  h_ref = refs.pop(0) if has_residual else None
+  s_ref = refs.pop(0) if static is None else None
+  block_rows = x_ref.shape[0]
+  block_cols = x_ref.shape[1] // num_chunks
+  shape = (block_rows, block_cols)
+  first_row = pl.program_id(0) * block_rows
+  rows = first_row + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  need_rows = m % block_rows != 0
+
+  def masks(k):
+    """Element and per-column masks of chunk `k`; None where nothing is out
+    of bounds (known statically for a Python int `k`)."""
+    static_k = isinstance(k, int)
+    need_cols = not static_k or (k + 1) * block_cols > n
+    cols = k * block_cols + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    col_ids = k * block_cols + jax.lax.iota(jnp.int32, block_cols)
+    mask = None
+    if need_rows:
+      mask = rows < m
+    if need_cols:
+      mask = cols < n if mask is None else mask & (cols < n)
+    return mask, (col_ids < n) if need_cols else None
+
+  def chunk(ref, k):
+    if ref.ndim == 1:
+      return ref.at[pl.ds(k * block_cols, block_cols)]
+    return ref.at[:, pl.ds(k * block_cols, block_cols)]
+
+  def load(ref, k, mask):
+    if mask is None:
+      return plgpu.load(chunk(ref, k))
+    return plgpu.load(chunk(ref, k), mask=mask, other=0.0)
+
+  def store(ref, k, value, mask):
+    if mask is None:
+      plgpu.store(chunk(ref, k), value)
+    else:
+      plgpu.store(chunk(ref, k), value, mask=mask)
+
+  def load_row(k, write_h):
+    """Chunk k of the row to normalize, as float32 (h's, with a residual)."""
+    mask = masks(k)[0]
+    x = load(x_ref, k, mask).astype(jnp.float32)
+    if r_ref is None:
+      return x
+    h = x + load(r_ref, k, mask).astype(jnp.float32)
+    if write_h:
+      store(h_ref, k, h.astype(h_ref.dtype), mask)
+    return common.round_trip(h, r_ref.dtype, interpret)
+
+  def normalized(k, x):
+    """y of chunk k, float32, as reference.forward computes it."""
+    y = x * rstd
+    if round_normalized:
+      y = common.round_trip(y, x_ref.dtype if r_ref is None else r_ref.dtype,
+                            interpret)
+    if scale_ref is not None:
+      w = load(scale_ref, k, masks(k)[1]).astype(jnp.float32)
+      y = y * (jnp.float32(offset) + w)[None, :]
+    return y
+
+  def chunk_amax(y):
+    return jnp.max(quantize.abs_nan_as_inf(y), axis=1, keepdims=True)
+
+  def write(k, y):
+    mask, col_mask = masks(k)
+    if static == "channel":
+      inv_k = load(inv_ref, k, col_mask)[None, :]
+    else:
+      inv_k = inv
+    store(q_ref, k, quantize.saturate_cast(y * inv_k, quant_dtype), mask)
+
+  # Pass 1: the sum of squares (and h).
+  if num_chunks == 1 or resident:
+    xs = [load_row(k, write_h=True) for k in range(num_chunks)]
+    sq = xs[0] * xs[0]
+    for x in xs[1:]:
+      sq = sq + x * x
+  else:
+    def sum_squares(k, acc):
+      x = load_row(k, write_h=True)
+      return acc + x * x
+    sq = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks),
+                           sum_squares, jnp.zeros(shape, jnp.float32))
+  mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
+  rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
+  if num_chunks == 1 or resident:
+    ys = [normalized(k, x) for k, x in enumerate(xs)]
+
+  # The scale: static (its reciprocal computed outside), or the row's amax.
+  if static == "scalar":
+    inv = plgpu.load(inv_ref)[None, :]           # (1, 1)
+  elif static is None:
+    if num_chunks == 1 or resident:
+      amax = chunk_amax(ys[0])
+      for y in ys[1:]:
+        amax = jnp.maximum(amax, chunk_amax(y))  # never NaN: maxnum is exact
+    else:
+      def chunk_max(k, acc):
+        return jnp.maximum(acc, chunk_amax(normalized(
+            k, load_row(k, write_h=False))))
+      amax = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk_max,
+                               jnp.zeros((block_rows, 1), jnp.float32))
+    row_scale = quantize.dynamic_scale(amax, quant_dtype)   # (rows, 1)
+    inv = jnp.float32(1) / row_scale
+    row_ids = first_row + jax.lax.iota(jnp.int32, block_rows)
+    scales = row_scale[:, 0]
+    if need_rows:
+      plgpu.store(s_ref, scales, mask=row_ids < m)
+    else:
+      plgpu.store(s_ref, scales)
+
+  # Last pass: quantize and store.
+  if num_chunks == 1 or resident:
+    for k, y in enumerate(ys):
+      write(k, y)
+  else:
+    @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
+    def _(k):
+      write(k, normalized(k, load_row(k, write_h=False)))
+
+
+def forward(x: jax.Array, residual: jax.Array | None,
+            scale: jax.Array | None, quant_scale: jax.Array | None, *,
+            epsilon: float, scale_offset: float, quant_dtype,
+            cast_order: str = "float32", interpret: bool = False,
+            config: triton_config.Config | None = None
+            ) -> quantize.QuantizedOutputs:
+  """RMSNorm of validated, non-empty `x` (plus `residual`), quantized to
+  `quant_dtype`, in one kernel: `quantize.reference`'s arithmetic.
+
+  quant_scale: None for dynamic per-row scales (returned as row_scales, of
+  shape x.shape[:-1] + (1,), float32), or a validated static float32 scale
+  of shape () or (N,) (`quantize.check_quant_scale`); its reciprocal is
+  computed here by XLA, as in the reference.
+
+  Returns (y_q, row_scales or None, h or None). Raises NotImplementedError
+  where `check_supported` does; rows past MAX_ONE_PASS_COLS are handled in
+  chunks, two (static) or three (dynamic) passes over the inputs.
+  """
+  n = x.shape[-1]
+  m = x.size // n
+  quant_dtype = quantize.canonicalize_quant_dtype(quant_dtype)
+  # Plain raises guard the kernel even with chex asserts disabled.
+  if scale is not None and scale.shape != (n,):
+    raise ValueError(f"{scale.shape=} must be ({n},)")
+  if residual is not None and residual.shape != x.shape:
+    raise ValueError(f"{residual.shape=} must equal {x.shape=}")
+  if quant_scale is not None and quant_scale.shape not in ((), (1,), (n,)):
+    raise ValueError(f"{quant_scale.shape=} must be (), (1,) or ({n},)")
+  check_supported(m, n, quant_dtype)
+  if config is None:
+    config = triton_config.get_config(m, n, x.dtype, platform.device_kind())
+  num_chunks = config.num_chunks(n)
+  static = None
+  if quant_scale is not None:
+    static = "channel" if quant_scale.shape == (n,) else "scalar"
+  logger.debug("rms_norm triton quantized forward: rows=%d n=%d dtype=%s "
+               "quant_dtype=%s scale=%s residual=%s %s", m, n, x.dtype,
+               quant_dtype, static or "dynamic", residual is not None, config)
+  block = (config.block_rows, config.block_cols * num_chunks)
+  row_block = pl.BlockSpec(block, lambda i: (i, 0))
+  args, in_specs = [x.reshape(m, n)], [row_block]
+  if residual is not None:
+    args.append(residual.reshape(m, n))
+    in_specs.append(row_block)
+  if scale is not None:
+    args.append(scale)
+    in_specs.append(pl.BlockSpec(block[1:], lambda i: (0,)))
+  if static is not None:
+    inv = jnp.float32(1) / quant_scale.astype(jnp.float32)
+    if static == "scalar":
+      args.append(inv.reshape(1))
+      in_specs.append(pl.BlockSpec((1,), lambda i: (0,)))
+    else:
+      args.append(inv)
+      in_specs.append(pl.BlockSpec(block[1:], lambda i: (0,)))
+  like = (x, residual, scale, quant_scale)
+  out_shape = [avals.out_struct((m, n), quant_dtype, *like)]
+  out_specs = [row_block]
+  if residual is not None:
+    out_shape.append(avals.out_struct((m, n), residual.dtype, *like))
+    out_specs.append(row_block)
+  if static is None:
+    out_shape.append(avals.out_struct((m,), jnp.float32, *like))
+    out_specs.append(pl.BlockSpec(block[:1], lambda i: (i,)))
+  kernel = functools.partial(
+      _quantize_kernel, n=n, m=m, eps=epsilon, offset=scale_offset,
+      quant_dtype=quant_dtype, has_residual=residual is not None,
+      has_scale=scale is not None, static=static,
+      round_normalized=cast_order == "hf", num_chunks=num_chunks,
+      resident=config.resident(n), interpret=interpret)
+  outs = common.launch(kernel, name=KERNEL_NAME, config=config,
+                       grid=(pl.cdiv(m, config.block_rows),),
+                       in_specs=in_specs, out_specs=out_specs,
+                       out_shape=out_shape, interpret=interpret)(*args)
+  outs = list(outs)
+  y_q = outs.pop(0).reshape(x.shape)
+  h = outs.pop(0).reshape(x.shape) if residual is not None else None
+  row_scales = (outs.pop(0).reshape(x.shape[:-1] + (1,)) if static is None
+                else None)
+  return quantize.QuantizedOutputs(y_q, row_scales, h)

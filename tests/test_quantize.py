@@ -1,0 +1,527 @@
+"""RMSNorm straight to float8/int8: one test body for the reference ("xla")
+and the Pallas-Triton kernel, judged by an independent float64 numpy oracle.
+
+Interpret mode runs on CPU; the compiled kernel on an NVIDIA GPU only
+(`requires_gpu`). The CUDA lowering of every variant is checked on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import quantize
+from jax_rmsnorm._src import testing
+from jax_rmsnorm._src.triton import config as triton_config
+from jax_rmsnorm._src.triton import quantize as triton_quantize
+from tests.conftest import IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS
+from tests.test_lowering import _kernel_calls, export_for_cuda
+
+QUANT_DTYPES = ["float8_e4m3fn", "float8_e5m2", "int8"]
+EPS = 1e-6
+
+
+# --- running an implementation ----------------------------------------------
+
+def _quantized(impl, *, quant_dtype, epsilon=EPS, scale_offset=0.0,
+               cast_order="float32", config=None):
+  """jit(fn)(x, residual, scale, quant_scale) -> (y_q, row_scales, h)."""
+  name, interpret = impl
+  kw = dict(epsilon=epsilon, scale_offset=scale_offset,
+            quant_dtype=quant_dtype, cast_order=cast_order)
+  if name == "xla":
+    return jax.jit(lambda x, r, w, q: quantize.reference(
+        x, r, w, quant_scale=q, **kw))
+  return jax.jit(lambda x, r, w, q: triton_quantize.forward(
+      x, r, w, q, interpret=interpret, config=config, **kw))
+
+
+def _inputs(shape, dtype, res_dtype=None, scale_dtype="float32"):
+  seed = zlib.crc32(repr((shape, dtype, res_dtype)).encode())
+  x, scale = testing.random_inputs(seed, shape, dtype, scale_dtype)
+  residual = None
+  if res_dtype is not None:
+    residual, _ = testing.random_inputs(seed + 1, shape, res_dtype)
+  return x, residual, scale
+
+
+def _static_scale(mode, n, quant_dtype, top=8.0):
+  """A static scale that maps |y| <= `top` to the full range: a scalar, or
+  per channel varying by 3x across channels."""
+  base = top / quantize.qmax(quant_dtype)
+  if mode == "scalar":
+    return quantize.check_quant_scale(base, n)
+  ramp = 0.5 + (np.arange(n) % 7) / 4.0
+  return quantize.check_quant_scale(jnp.asarray(base * ramp, jnp.float32), n)
+
+
+# --- the float64 oracle -----------------------------------------------------
+
+def _f64(a) -> np.ndarray:
+  return np.asarray(a).astype(np.float64)
+
+
+def oracle_h(x, residual) -> np.ndarray:
+  """h = x + residual in numpy float32, rounded once to residual's dtype."""
+  total = np.asarray(x).astype(np.float32) + np.asarray(residual).astype(
+      np.float32)
+  return total.astype(np.asarray(residual).dtype)
+
+
+def oracle_y(x, residual, scale, epsilon=EPS, scale_offset=0.0,
+             cast_order="float32") -> np.ndarray:
+  """y in float64: `testing.oracle`, or, for the Hugging Face cast order,
+  xhat rounded to the normalized input's dtype before the scale."""
+  h = x if residual is None else oracle_h(x, residual)
+  if cast_order == "float32":
+    return testing.oracle(h, scale, epsilon, scale_offset)
+  xhat = testing.oracle(h, None, epsilon)
+  xhat = _f64(xhat.astype(np.float32).astype(np.asarray(h).dtype))
+  return xhat * (scale_offset + _f64(scale)) if scale is not None else xhat
+
+
+def oracle_scales(y: np.ndarray, quant_dtype) -> np.ndarray:
+  """Per-row dynamic scales in float64, with the spec's floor."""
+  top = quantize.qmax(quant_dtype)
+  amax = np.max(np.abs(y), axis=-1, keepdims=True)
+  return np.maximum(amax, top * quantize.MIN_SCALE) / top
+
+
+def half_step(v: np.ndarray, quant_dtype) -> np.ndarray:
+  """Half the spacing of `quant_dtype` at magnitude |v|: the largest error of
+  a correct round-to-nearest. fp8: spacing 2**(e - nmant) in v's binade
+  (e >= the smallest normal's exponent: subnormals are evenly spaced);
+  int8: 1."""
+  if jnp.dtype(quant_dtype) == jnp.int8:
+    return np.full_like(v, 0.5)
+  info = ml_dtypes.finfo(quant_dtype)
+  e = np.floor(np.log2(np.maximum(np.abs(v), float(info.tiny))))
+  return 0.5 * np.exp2(e - info.nmant)
+
+
+def relative_error_bound(n: int, cast_order="float32", norm_dtype=None
+                         ) -> float:
+  """Relative error of the float32 y * (1/s) against float64's y / s.
+
+  y in float32 is off by `testing.tolerance(float32, n)` (the sum of n
+  squares, rsqrt, two products); the reciprocal and the product add two
+  roundings of 2**-24: twice that tolerance covers both. The Hugging Face
+  order rounds xhat to the input dtype, where float32's error can tip the
+  rounding by one ulp of that dtype: eps of it more.
+  """
+  rel = 2 * testing.tolerance("float32", n)
+  if cast_order == "hf":
+    rel += float(jnp.finfo(norm_dtype).eps)
+  return rel
+
+
+def assert_quantized_close(y_q, s, y64: np.ndarray, quant_dtype, rel: float,
+                           ) -> None:
+  """y_q * s within half a quantization step of y64 (plus float32 error).
+
+  With v = y64 / s (float64, s the scale the implementation used, so only
+  the quantization is judged here), a correctly rounded q of clip(v) is
+  within half_step(v) of it; float32's y * (1/s) is v (1 + d), |d| <= rel,
+  which moves the result by at most min(|v|, qmax) rel before rounding: q is
+  then one of v's two neighbours, the farther one only within rel of a tie.
+  Elements past qmax (beyond the error) must be exactly +-qmax.
+  """
+  top = quantize.qmax(quant_dtype)
+  q = _f64(y_q)
+  v = y64 / _f64(s)
+  clipped = np.clip(v, -top, top)
+  bound = half_step(clipped, quant_dtype) + np.minimum(np.abs(v), top) * rel
+  err = np.abs(q - clipped)
+  err[~np.isfinite(q)] = np.inf
+  excess = err - bound
+  worst = np.unravel_index(np.argmax(excess), excess.shape)
+  assert excess[worst] <= 0, (
+      f"{quant_dtype}: q={q[worst]!r} for v={v[worst]!r} (scale "
+      f"{np.broadcast_to(_f64(s), v.shape)[worst]!r}), error {err[worst]:.4g} "
+      f"> bound {bound[worst]:.4g} at {worst}")
+  saturated = np.abs(v) * (1 - rel) > top
+  np.testing.assert_array_equal(q[saturated], np.sign(v[saturated]) * top)
+
+
+def assert_scales_close(s, y64: np.ndarray, quant_dtype, n: int) -> None:
+  """Dynamic scales against the oracle's. amax is a max of float32 y, each
+  within testing.tolerance(float32, n) of float64's (a max moves no more
+  than its arguments), and the division by qmax adds half an ulp: the
+  tolerance (which counts a whole ulp) covers both."""
+  want = oracle_scales(y64, quant_dtype)
+  got = _f64(s)
+  assert got.shape == want.shape
+  bound = testing.tolerance("float32", n) * want
+  bad = ~(np.abs(got - want) <= bound)
+  assert not bad.any(), (
+      f"scales {got[bad][:4]} != oracle {want[bad][:4]} (relative bound "
+      f"{testing.tolerance('float32', n):.3g})")
+
+
+def assert_top_code(y_q, quant_dtype) -> None:
+  """With a dynamic scale each row's largest |y_q| is exactly qmax: its amax
+  element maps to qmax up to a float32 rounding, which saturates or rounds
+  to qmax in every quant dtype."""
+  top = np.max(np.abs(_f64(y_q)), axis=-1)
+  np.testing.assert_array_equal(top, quantize.qmax(quant_dtype))
+
+
+# --- numerics against the oracle ---------------------------------------------
+
+# (shape, x dtype, residual dtype or None, quant dtype, scale mode, extra).
+# Every width (896, 4096, 5120, 14336 and odd ones), input dtype, quant dtype,
+# scale mode and residual case appears; 16411 runs the chunked loops, (301, 96)
+# several rows a program with a partial last block, (9, 1) a single column.
+CASES = [
+    ((13, 896), "bfloat16", None, "float8_e4m3fn", "dynamic", {}),
+    ((4, 896), "float32", "float32", "int8", "channel", {}),
+    ((2, 3, 4096), "bfloat16", "bfloat16", "float8_e5m2", "dynamic", {}),
+    ((5, 4096), "float16", None, "int8", "dynamic", {}),
+    ((4, 4096), "float32", None, "float8_e4m3fn", "scalar", {}),
+    ((3, 5120), "float16", "float32", "float8_e4m3fn", "dynamic", {}),
+    ((3, 5120), "bfloat16", None, "float8_e5m2", "channel", {}),
+    ((2, 14336), "bfloat16", None, "float8_e4m3fn", "dynamic", {}),
+    ((2, 14336), "float32", "float32", "int8", "dynamic", {}),
+    ((2, 14336), "float16", None, "float8_e5m2", "scalar", {}),
+    ((3, 4099), "float32", None, "float8_e5m2", "dynamic", {}),
+    ((6, 4099), "bfloat16", "bfloat16", "int8", "scalar", {}),
+    ((2, 16411), "float32", None, "int8", "dynamic", {}),
+    ((2, 16411), "bfloat16", "bfloat16", "float8_e4m3fn", "channel", {}),
+    ((301, 96), "float32", "float32", "float8_e5m2", "dynamic", {}),
+    ((9, 1), "float16", None, "float8_e4m3fn", "dynamic", {}),
+    ((5, 1000), "bfloat16", None, "int8", "dynamic", {"no_scale": True}),
+    ((5, 1000), "float32", None, "float8_e4m3fn", "dynamic",
+     {"scale_offset": 1.0, "epsilon": 1e-2}),
+    ((5, 1000), "bfloat16", "bfloat16", "int8", "dynamic",
+     {"cast_order": "hf"}),
+    ((5, 1000), "float16", None, "float8_e4m3fn", "channel",
+     {"cast_order": "hf", "scale_offset": 1.0}),
+]
+
+
+def _case_id(case):
+  shape, dtype, res, qd, mode, extra = case
+  parts = ["x".join(map(str, shape)), dtype, f"res-{res}" if res else "",
+           qd, mode] + [f"{k}={v}" for k, v in extra.items()]
+  return "-".join(p for p in parts if p)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_matches_float64_oracle(impl, case):
+  shape, dtype, res_dtype, quant_dtype, mode, extra = case
+  n = shape[-1]
+  extra = dict(extra)
+  no_scale = extra.pop("no_scale", False)
+  x, residual, scale = _inputs(shape, dtype, res_dtype)
+  if no_scale:
+    scale = None
+  elif extra.get("scale_offset"):
+    scale = scale - 1.0
+  quant_scale = None if mode == "dynamic" else _static_scale(mode, n,
+                                                             quant_dtype)
+  y_q, s, h = _quantized(impl, quant_dtype=quant_dtype, **extra)(
+      x, residual, scale, quant_scale)
+
+  assert y_q.shape == x.shape and y_q.dtype == jnp.dtype(quant_dtype)
+  if residual is None:
+    assert h is None
+  else:
+    assert h.dtype == residual.dtype
+    np.testing.assert_array_equal(np.asarray(h), oracle_h(x, residual))
+  norm_dtype = x.dtype if residual is None else residual.dtype
+  y64 = oracle_y(x, residual, scale, extra.get("epsilon", EPS),
+                 extra.get("scale_offset", 0.0),
+                 extra.get("cast_order", "float32"))
+  rel = relative_error_bound(n, extra.get("cast_order", "float32"),
+                             norm_dtype)
+  if mode == "dynamic":
+    assert s.shape == shape[:-1] + (1,) and s.dtype == jnp.float32
+    assert_scales_close(s, y64, quant_dtype, n)
+    assert_top_code(y_q, quant_dtype)
+  else:
+    assert s is None
+    s = quant_scale
+  assert_quantized_close(y_q, s, y64, quant_dtype, rel)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("mode", ["dynamic", "channel"])
+def test_chunked_loop_and_partial_blocks(impl, mode, monkeypatch):
+  """The two- and three-pass loops (rows not held in registers) at a small
+  width, with a partial last chunk and a partial last block of rows."""
+  monkeypatch.setattr(triton_config, "MAX_ONE_PASS_COLS", 512)
+  config = triton_config.Config(block_rows=2, block_cols=256, num_warps=4,
+                                num_stages=2)
+  assert not config.resident(1000)
+  x, residual, scale = _inputs((7, 1000), "bfloat16", "float32")
+  quant_scale = None if mode == "dynamic" else _static_scale(mode, 1000,
+                                                             "int8")
+  y_q, s, h = _quantized(impl, quant_dtype="int8", config=config)(
+      x, residual, scale, quant_scale)
+  np.testing.assert_array_equal(np.asarray(h), oracle_h(x, residual))
+  y64 = oracle_y(x, residual, scale)
+  if mode == "dynamic":
+    assert_scales_close(s, y64, "int8", 1000)
+  else:
+    s = quant_scale
+  assert_quantized_close(y_q, s, y64, "int8", relative_error_bound(1000))
+
+
+# --- properties ---------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("quant_dtype", QUANT_DTYPES)
+def test_static_scale_too_small_saturates(impl, quant_dtype):
+  """A static scale 100x too small: values clip to +-qmax, never NaN or Inf
+  or a wrapped int8; float16 inputs near their maximum too."""
+  n = 896
+  x, _, scale = _inputs((6, n), "float16")
+  x = x.at[0].set((x[0] * (6e4 / jnp.abs(x[0]).max())).astype(x.dtype))
+  for mode in ("scalar", "channel"):
+    quant_scale = _static_scale(mode, n, quant_dtype, top=0.08)
+    y_q, _, _ = _quantized(impl, quant_dtype=quant_dtype)(x, None, scale,
+                                                           quant_scale)
+    q = _f64(y_q)
+    assert np.all(np.isfinite(q))
+    assert np.all(np.abs(q) <= quantize.qmax(quant_dtype))
+    y64 = oracle_y(x, None, scale)
+    assert np.mean(np.abs(y64 / _f64(quant_scale))
+                   > quantize.qmax(quant_dtype)) > 0.5
+    assert_quantized_close(y_q, quant_scale, y64, quant_dtype,
+                           relative_error_bound(n))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("quant_dtype", QUANT_DTYPES)
+def test_zero_rows(impl, quant_dtype):
+  """A row of zeros: dynamic scale MIN_SCALE (finite, > 0), y_q zero, no
+  NaN; static: zeros."""
+  x, _, scale = _inputs((6, 256), "bfloat16")
+  x = x.at[jnp.array([0, 3])].set(0)
+  fn = _quantized(impl, quant_dtype=quant_dtype)
+  y_q, s, _ = fn(x, None, scale, None)
+  s = np.asarray(s)
+  np.testing.assert_array_equal(s[[0, 3]], np.float32(quantize.MIN_SCALE))
+  assert np.all(np.isfinite(s)) and np.all(s > 0)
+  np.testing.assert_array_equal(_f64(y_q)[[0, 3]], 0.0)
+  y64 = oracle_y(x, None, scale)
+  assert_quantized_close(y_q, s, y64, quant_dtype, relative_error_bound(256))
+  y_q, _, _ = fn(x, None, scale, _static_scale("scalar", 256, quant_dtype))
+  np.testing.assert_array_equal(_f64(y_q)[[0, 3]], 0.0)
+
+
+def _bits(a) -> np.ndarray:
+  a = np.asarray(a)
+  return a.view(np.uint8) if a.dtype.itemsize == 1 else a.view(np.uint32)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("quant_dtype", QUANT_DTYPES)
+@pytest.mark.parametrize("mode", ["dynamic", "scalar"])
+def test_nan_and_inf_stay_in_their_row(impl, quant_dtype, mode):
+  """NaN in row 1 and Inf in row 2 (of rows that share a program): the other
+  rows' bits equal a clean run's; the bad rows are flagged (dynamic: scale
+  +inf, so every dequantized value is NaN; static fp8: NaN in the row)."""
+  x, residual, scale = _inputs((6, 256), "bfloat16", "bfloat16")
+  bad = x.at[1, 7].set(jnp.nan).at[2, 100].set(jnp.inf)
+  quant_scale = None if mode == "dynamic" else _static_scale(mode, 256,
+                                                             quant_dtype)
+  fn = _quantized(impl, quant_dtype=quant_dtype)
+  clean = fn(x, residual, scale, quant_scale)
+  dirty = fn(bad, residual, scale, quant_scale)
+  good = np.array([0, 3, 4, 5])
+  for c, d in zip(clean, dirty):
+    if c is not None:
+      np.testing.assert_array_equal(_bits(d)[good], _bits(c)[good])
+  y_q, s, _ = dirty
+  if mode == "dynamic":
+    np.testing.assert_array_equal(np.asarray(s)[[1, 2], 0], np.inf)
+    with np.errstate(invalid="ignore"):     # 0 * inf
+      assert np.all(np.isnan(_f64(y_q)[[1, 2]] * np.asarray(s)[[1, 2]]))
+  elif quant_dtype != "int8":
+    assert np.all(np.isnan(_f64(y_q)[1]))   # NaN row: all of y is NaN
+    assert np.isnan(_f64(y_q)[2, 100])      # Inf: NaN there, 0 elsewhere
+  else:                                     # int8 has no NaN: 0
+    np.testing.assert_array_equal(_f64(y_q)[1], 0.0)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("quant_dtype", QUANT_DTYPES)
+def test_batch_invariance(impl, quant_dtype):
+  """A row's bits (y_q and its scale) do not depend on the batch size or its
+  position in the batch."""
+  x, residual, scale = _inputs((37, 896), "bfloat16", "bfloat16")
+  fn = _quantized(impl, quant_dtype=quant_dtype)
+  full = [_bits(a) for a in fn(x, residual, scale, None)]
+  perm = np.random.default_rng(0).permutation(37)
+  for rows in (slice(0, 1), slice(20, 23), perm):
+    part = fn(x[rows], residual[rows], scale, None)
+    for p, f in zip(part, full):
+      np.testing.assert_array_equal(_bits(p), f[rows])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_jit_vmap_eval_shape(impl):
+  x, residual, scale = _inputs((3, 5, 256), "bfloat16", "bfloat16")
+  fn = _quantized(impl, quant_dtype="float8_e4m3fn")
+  shapes = jax.eval_shape(fn, x, residual, scale, None)
+  assert shapes[0].shape == x.shape and shapes[1].shape == (3, 5, 1)
+  batched = jax.jit(jax.vmap(fn, in_axes=(0, 0, None, None)))(
+      x, residual, scale, None)
+  direct = fn(x, residual, scale, None)
+  for b, d in zip(batched, direct):
+    np.testing.assert_array_equal(_bits(b), _bits(d))
+
+
+# --- the per-element helpers ----------------------------------------------------
+
+def test_round_half_even_matches_numpy():
+  ties = np.arange(-128, 128, dtype=np.float32) + np.float32(0.5)
+  near = np.concatenate([np.nextafter(ties, np.float32(np.inf)),
+                         np.nextafter(ties, np.float32(-np.inf))])
+  rand = np.random.default_rng(0).uniform(-130, 130, 1 << 16)
+  v = np.concatenate([ties, near, rand.astype(np.float32),
+                      np.float32([0.0, -0.0, 2.0**22 + 0.5, np.nan])])
+  got = np.asarray(jax.jit(quantize.round_half_even)(v))
+  np.testing.assert_array_equal(got, np.round(v))
+
+
+@pytest.mark.parametrize("quant_dtype", QUANT_DTYPES)
+def test_saturate_cast(quant_dtype):
+  top = quantize.qmax(quant_dtype)
+  v = np.float32([np.nan, np.inf, -np.inf, 2 * top, -2 * top, top, 1.5,
+                  2.5, -2.5, 0.3])
+  got = _f64(jax.jit(functools.partial(quantize.saturate_cast,
+                                       quant_dtype=quant_dtype))(v))
+  want = np.clip(v, -top, top)
+  if quant_dtype == "int8":
+    want = np.where(np.isnan(want), 0, np.round(want))
+  else:
+    want = _f64(want.astype(quant_dtype))
+  np.testing.assert_array_equal(got, want)
+
+
+# --- argument checks --------------------------------------------------------------
+
+def test_check_args_accepts_and_canonicalizes():
+  x = jnp.zeros((2, 8), jnp.bfloat16)
+  for name in QUANT_DTYPES:
+    for spelling in (name, jnp.dtype(name), getattr(jnp, name)):
+      assert quantize.check_args(x, spelling, None) == (jnp.dtype(name), None)
+  _, q = quantize.check_args(x, "int8", 0.5)
+  assert q.shape == () and q.dtype == jnp.float32
+  _, q = quantize.check_args(x, "int8", np.float64([0.5]))
+  assert q.shape == () and q.dtype == jnp.float32
+  _, q = quantize.check_args(x, "int8", jnp.ones((8,), jnp.bfloat16))
+  assert q.shape == (8,) and q.dtype == jnp.float32
+  # A traced scale cannot be checked for its value, only for shape and type.
+  jax.jit(lambda q: quantize.check_args(x, "int8", q)[1])(jnp.float32(-1.0))
+
+
+@pytest.mark.parametrize("quant_dtype,quant_scale,error,match", [
+    ("float16", None, TypeError, "quant_dtype=float16 is not supported"),
+    ("float8_e4m3fnuz", None, TypeError, "not supported"),
+    ("uint8", None, TypeError, "not supported"),
+    ("nope", None, TypeError, "quant_dtype must be a dtype"),
+    ("int8", np.ones((2, 8), np.float32), ValueError, r"shape \(8,\)"),
+    ("int8", np.ones((9,), np.float32), ValueError, "quant_scale.shape"),
+    ("int8", 0.0, ValueError, "finite and >="),
+    ("int8", -1.0, ValueError, "finite and >="),
+    ("int8", float("inf"), ValueError, "finite and >="),
+    ("int8", float("nan"), ValueError, "finite and >="),
+    ("int8", 1e-39, ValueError, "finite and >="),      # subnormal
+    ("int8", np.float64([1e-50]), ValueError, "finite and >="),  # 0 in f32
+    ("int8", np.array([1.0] * 7 + [0.0], np.float32), ValueError, "among"),
+    ("int8", True, TypeError, "quant_scale must be a float"),
+    ("int8", np.ones((8,), np.int32), TypeError, "floating-point"),
+    ("int8", "1.0", TypeError, "quant_scale must be None"),
+], ids=str)
+def test_check_args_rejects(quant_dtype, quant_scale, error, match):
+  x = jnp.zeros((2, 8), jnp.float32)
+  with pytest.raises(error, match=match):
+    quantize.check_args(x, quant_dtype, quant_scale)
+
+
+def test_fp8_needs_sm89(monkeypatch):
+  monkeypatch.setattr(platform, "compute_capability", lambda: 8.0)
+  for quant_dtype in ("float8_e4m3fn", "float8_e5m2"):
+    with pytest.raises(NotImplementedError, match="compute capability"):
+      triton_quantize.check_supported(4, 896, quant_dtype)
+  triton_quantize.check_supported(4, 896, "int8")
+  monkeypatch.setattr(platform, "compute_capability", lambda: 9.0)
+  triton_quantize.check_supported(4, 896, "float8_e4m3fn")
+
+
+# --- the CUDA lowering, on CPU ------------------------------------------------------
+
+LOWERING_SHAPES = [
+    ((3, 896), "bfloat16", "bfloat16"),   # one padded chunk, one row/program
+    ((2, 14336), "float32", "float32"),   # 7 chunks held in registers
+    ((2, 16411), "bfloat16", None),       # chunked loops, prime N
+    ((301, 96), "float32", "float32"),    # several rows per program
+    ((9, 1), "float16", None),
+]
+
+
+# Every quant dtype, scale mode and residual case at the first shape; every
+# quant dtype with a dynamic and a per-channel scale at the others.
+LOWERING_CASES = [
+    (0, quant_dtype, mode, residual)
+    for quant_dtype in QUANT_DTYPES
+    for mode in ("dynamic", "scalar", "channel")
+    for residual in (False, True)
+] + [
+    (shape_i, quant_dtype, mode, False)
+    for shape_i in range(1, len(LOWERING_SHAPES))
+    for quant_dtype in QUANT_DTYPES
+    for mode in ("dynamic", "channel")
+]
+
+
+def _lowering_id(case):
+  shape_i, quant_dtype, mode, residual = case
+  shape = "x".join(map(str, LOWERING_SHAPES[shape_i][0]))
+  return f"{shape}-{quant_dtype}-{mode}" + ("-residual" if residual else "")
+
+
+@pytest.mark.parametrize("shape_i,quant_dtype,mode,residual", LOWERING_CASES,
+                         ids=[_lowering_id(c) for c in LOWERING_CASES])
+def test_lowers_for_cuda_with_one_named_kernel(shape_i, quant_dtype, mode,
+                                                residual, monkeypatch):
+  """Every variant lowers through Pallas's Triton backend for CUDA (float8
+  and int8 stores, the masks, the loops): one custom call, named."""
+  shape, dtype, scale_dtype = LOWERING_SHAPES[shape_i]
+  monkeypatch.setattr(platform, "on_cuda_gpu", lambda: True)
+  n = shape[-1]
+  x = jnp.zeros(shape, dtype)
+  res = jnp.zeros(shape, dtype) if residual else None
+  scale = None if scale_dtype is None else jnp.zeros((n,), scale_dtype)
+  quant_scale = None if mode == "dynamic" else _static_scale(mode, n,
+                                                             quant_dtype)
+  hf = shape_i == 3
+  fn = functools.partial(triton_quantize.forward, epsilon=EPS,
+                         scale_offset=1.0 if hf else 0.0,
+                         quant_dtype=quant_dtype,
+                         cast_order="hf" if hf else "float32")
+  calls = _kernel_calls(export_for_cuda(fn, x, res, scale, quant_scale))
+  assert len(calls) == 1, calls
+  assert triton_quantize.KERNEL_NAME in calls[0]
+
+
+# --- the example ----------------------------------------------------------------
+
+def test_fp8_matmul_example():
+  """examples/fp8_matmul.py: the quantized projection is within its bound of
+  the float32 matmul of the unquantized norm, for every quant dtype."""
+  from examples import fp8_matmul
+  errors = fp8_matmul.main([])
+  assert set(errors) == set(QUANT_DTYPES)
