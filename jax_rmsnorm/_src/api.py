@@ -6,9 +6,11 @@ from collections.abc import Sequence
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from jax_rmsnorm._src import dispatch
+from jax_rmsnorm._src import quantize
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import validation
 
@@ -162,3 +164,74 @@ def rms_norm_reference(
   return rms_norm(x, scale, epsilon=epsilon, scale_offset=scale_offset,
                   out_dtype=out_dtype, cast_order=cast_order,
                   implementation="xla")
+
+
+def rms_norm_quantized(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    *,
+    epsilon: float = 1e-6,
+    scale_offset: float = 0.0,
+    quant_dtype: DTypeLike = jnp.float8_e4m3fn,
+    quant_scale: jax.Array | float | None = None,
+    residual: jax.Array | None = None,
+    cast_order: CastOrder = "float32",
+    implementation: Implementation = None,
+    interpret: bool = False,
+):
+  """RMSNorm straight to float8 or int8, for an fp8/int8 matmul: one kernel
+  reads x (and the residual) once and writes the quantized y.
+
+  With y = rms_norm(x, scale, ...) in float32 (before any rounding) and
+  qmax = 448 (float8_e4m3fn), 57344 (float8_e5m2) or 127 (int8):
+
+  - static, `quant_scale` given (a scalar or a per-channel `(N,)` array,
+    finite, > 0): `y_q = saturate(y / quant_scale)`; returns y_q.
+  - dynamic per token, `quant_scale=None`: `row_scales = max(|y_row|) /
+    qmax` in float32, shape `(..., 1)` (a zero row gets the smallest normal
+    float32, and y_q = 0); `y_q = saturate(y / row_scales)`, so that
+    `y ~= y_q * row_scales`; returns (y_q, row_scales).
+
+  saturate clips to [-qmax, qmax] before the cast (a finite input never
+  gives NaN or Inf; NaN and Inf stay in their row); int8 is symmetric and
+  rounds half to even. The division is a multiplication by the float32
+  reciprocal. With `residual`, h = x + residual (rounded to residual's
+  dtype) is normalized and returned last, as in `add_rms_norm`. Equivalent
+  to `jax_rmsnorm._src.quantize.reference`.
+
+  y_q feeds `jax.lax.dot_general` with fp8 operands and
+  `preferred_element_type=jnp.float32` directly; multiply the result by
+  row_scales (and the weight's scale): see examples/fp8_matmul.py.
+
+  Args:
+    x, scale, epsilon, scale_offset, cast_order, implementation, interpret:
+      as for `rms_norm` (the implementations: "triton" and "xla").
+    quant_dtype: float8_e4m3fn (default), float8_e5m2 or int8.
+    quant_scale: None (dynamic), or the static scale. A concrete value is
+      checked for > 0 (read back to the host); a traced one only for shape.
+    residual: None, or the residual stream (x's shape).
+
+  Returns:
+    y_q (static) or (y_q, row_scales) (dynamic), with h appended when a
+    residual is given. Not differentiable (an inference op).
+  """
+  x, residual, scale, opts = validation.check_args(
+      x, residual, scale, epsilon, scale_offset, None, cast_order)
+  quant_dtype, quant_scale = quantize.check_args(x, quant_dtype, quant_scale)
+  names, fallback = validation.canonicalize_implementation(
+      implementation, interpret)
+  if quant_scale is not None and quant_scale.ndim == 0:
+    quant_scale = quant_scale.reshape(1)
+  kwargs = dict(epsilon=opts.epsilon, scale_offset=opts.scale_offset,
+                cast_order=opts.cast_order, quant_dtype=quant_dtype)
+  if x.size == 0:
+    y_q, row_scales, h = quantize.reference(x, residual, scale, quant_scale,
+                                            **kwargs)
+  else:
+    y_q, row_scales, h = dispatch.run_quantized(
+        x, residual, scale, quant_scale, opts, quant_dtype, names=names,
+        fallback=fallback, interpret=bool(interpret))
+  out = (y_q,) if quant_scale is not None else (y_q, row_scales)
+  if residual is not None:
+    out += (h,)
+  return out[0] if len(out) == 1 else out

@@ -1,20 +1,22 @@
-"""Which implementation runs: decided here, once per call, for the forward
-and the backward together.
+"""Which implementation runs: decided here, once per call, for every op of
+the call together (the forward and the backward of rms_norm and
+add_rms_norm; the quantized forward of rms_norm_quantized).
 
 - A name given (`"triton"`, `"mosaic"`, `"xla"`) runs that one or raises
   NotImplementedError; a sequence is tried in order, each op taking the first
   name that supports it.
-- `implementation=None` picks per platform at lowering time
-  (`per_platform.call`, platform_dependent's equivalent): on CUDA the implementation that the speed
-  table (`speed_table.choose`) names for this card generation, dtype and
-  shape class, where it can run; everywhere else the reference. One jitted
-  or exported function carries both. Falling back from a kernel on a GPU
-  logs one WARNING per reason and process; a table choice of XLA (faster
-  there) logs at DEBUG.
+- `implementation=None` picks per platform when the program is lowered
+  (`per_platform.call`, jax.lax.platform_dependent's equivalent): on CUDA
+  the implementation that the speed table (`speed_table.choose`) names for
+  this GPU generation, op, dtype and shape class, where it can run, else the
+  next kernel that can, else XLA; on every other platform the reference. One
+  jitted or exported function carries both. A fallback from the table's
+  kernel on a GPU logs one WARNING per reason and process; a table choice of
+  XLA (faster there) logs at DEBUG.
 
 Rows sharded over the hidden axis are computed with the reference's
-arithmetic and one psum (`reference.forward`'s `hidden_axes`), whichever
-implementation was chosen.
+arithmetic and one psum (`hidden_axes`), whichever implementation was
+chosen.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import importlib
 import logging
 
 import jax
+import jax.numpy as jnp
 
+from jax_rmsnorm._src import partitioning
 from jax_rmsnorm._src import per_platform
 from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import quantize
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import speed_table
 from jax_rmsnorm._src import validation
@@ -35,14 +40,21 @@ from jax_rmsnorm._src import vjp
 
 logger = logging.getLogger("jax_rmsnorm")
 
+# Each kernel family's room: the module of each op, and the support check.
 _KERNEL_MODULES = {
-    "triton": ("jax_rmsnorm._src.triton.forward",
-               "jax_rmsnorm._src.triton.backward",
-               "jax_rmsnorm._src.triton.common"),
-    "mosaic": ("jax_rmsnorm._src.mosaic.forward",
-               "jax_rmsnorm._src.mosaic.backward",
-               "jax_rmsnorm._src.mosaic.common"),
+    "triton": dict(forward="jax_rmsnorm._src.triton.forward",
+                   backward="jax_rmsnorm._src.triton.backward",
+                   quant="jax_rmsnorm._src.triton.quantize",
+                   common="jax_rmsnorm._src.triton.common"),
+    "mosaic": dict(forward="jax_rmsnorm._src.mosaic.forward",
+                   backward="jax_rmsnorm._src.mosaic.backward",
+                   common="jax_rmsnorm._src.mosaic.common"),
 }
+# The reference's function per op: the CPU side of every automatic choice.
+_REFERENCE = dict(forward=reference.forward, backward=reference.backward,
+                  quant=quantize.reference)
+# The automatic choice's order of kernels after the table's own.
+_KERNEL_PREFERENCE = ("mosaic", "triton")
 _warned: set[str] = set()
 
 
@@ -52,41 +64,48 @@ def _warn_once(message: str) -> None:
     logger.warning("%s", message)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Backend:
-  forward: object   # forward(x, residual, scale, **options) -> ForwardOutputs
-  backward: object  # backward(x, dy, dh, scale, rstd, **options)
-  check: object     # check_supported(m, n, dtype, *, backward) or raises
-
-
-_XLA = _Backend(reference.forward, reference.backward,
-                lambda m, n, dtype, backward=False: None)
-
-
 @functools.cache
-def _kernel_backend(name: str) -> _Backend:
-  """The kernel family `name`; NotImplementedError where this JAX lacks it
-  (a future JAX may remove Pallas's Triton backend)."""
+def _module(name: str, op: str):
+  """The module of kernel family `name` for `op`; NotImplementedError where
+  there is none, or this JAX lacks what it needs (a future JAX may remove
+  Pallas's Triton backend)."""
+  path = _KERNEL_MODULES[name].get(op)
+  if path is None:
+    raise NotImplementedError(f"the {name!r} kernels have no {op} kernel")
   try:
-    fwd, bwd, common = (importlib.import_module(m)
-                        for m in _KERNEL_MODULES[name])
+    return importlib.import_module(path)
   except ImportError as e:
     raise NotImplementedError(
         f"the {name!r} kernels cannot be imported with JAX "
         f"{jax.__version__}: {e}") from e
-  return _Backend(fwd.forward, bwd.backward, common.check_supported)
 
 
-def _backend(name: str) -> _Backend:
-  return _XLA if name == "xla" else _kernel_backend(name)
+def _function(name: str, op: str):
+  """The function computing `op` with implementation `name`."""
+  if name == "xla":
+    return _REFERENCE[op]
+  return getattr(_module(name, op), "backward" if op == "backward" else
+                 "forward")
 
 
-def _check(name: str, m: int, n: int, dtype, *, backward: bool,
-           interpret: bool = False, need_gpu: bool = True) -> None:
-  """Raises NotImplementedError, saying why, where `name` cannot run: the
-  kernels' limits, whether this JAX has them, and, unless interpreted, the
-  GPU they need (`need_gpu=False`: the CUDA branch of an automatic choice,
-  which may be lowered on a host without one)."""
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """What an op is asked to do, as far as support and speed go."""
+  m: int
+  n: int
+  dtype: jnp.dtype
+  quant_dtype: jnp.dtype | None = None
+
+  def __str__(self):
+    return f"{self.m} rows of {self.n} ({jnp.dtype(self.dtype).name})"
+
+
+def _check(name: str, op: str, problem: Problem, *, interpret: bool = False,
+           need_gpu: bool = True) -> None:
+  """Raises NotImplementedError, saying why, where `name` cannot run `op`:
+  the kernels' limits, whether this JAX has them, and, unless interpreted,
+  the GPU they need (`need_gpu=False`: the CUDA side of an automatic choice,
+  which may be lowered on a host without a GPU)."""
   if name == "xla":
     return
   if not interpret and (need_gpu or platform.on_cuda_gpu()):
@@ -99,136 +118,137 @@ def _check(name: str, m: int, n: int, dtype, *, backward: bool,
       raise NotImplementedError(
           "the 'mosaic' kernels need compute capability 9.0 or newer "
           f"(Hopper); this GPU is {platform.device_kind()!r}")
-  _backend(name).check(m, n, dtype, backward=backward)
+  module = _module(name, op)
+  if op == "quant":
+    module.check_supported(problem.m, problem.n, problem.quant_dtype)
+  else:
+    _module(name, "common").check_supported(
+        problem.m, problem.n, problem.dtype, backward=op == "backward")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What runs: `forward` and `backward` name implementations; with `auto`
-  they run on CUDA and the reference elsewhere, chosen at lowering time."""
-  forward: str
-  backward: str
+  """The implementation of each op; with `auto` it runs on CUDA and the
+  reference everywhere else, chosen when the program is lowered."""
+  names: tuple[tuple[str, str], ...]  # (op, implementation)
   auto: bool
   interpret: bool
 
+  def __getitem__(self, op: str) -> str:
+    return dict(self.names)[op]
 
-def plan(names: tuple[str, ...], fallback: bool, interpret: bool, m: int,
-         n: int, dtype) -> Plan:
-  """Resolves the implementation(s) asked for at this shape (x's, all
-  devices together) and dtype; raises NotImplementedError if none can."""
+
+def plan(ops: tuple[str, ...], problem: Problem, names, fallback: bool,
+         interpret: bool) -> Plan:
+  """Resolves the implementation(s) asked for (`names` None: automatic) for
+  each op at this problem (x's shape, all devices together); raises
+  NotImplementedError if none can."""
   if names is None:
-    return _auto_plan(m, n, dtype)
-  chosen = []
-  for backward in (False, True):
+    return _auto_plan(ops, problem)
+  chosen = {}
+  for op in ops:
     errors = []
     for name in names:
       try:
-        _check(name, m, n, dtype, backward=backward, interpret=interpret)
+        _check(name, op, problem, interpret=interpret)
       except NotImplementedError as e:
         errors.append(e)
         continue
       if errors:
-        logger.debug("rms_norm %s: %s; running %r",
-                     "backward" if backward else "forward", errors[-1], name)
-      chosen.append(name)
+        logger.debug("rms_norm %s: %s; running %r", op, errors[-1], name)
+      chosen[op] = name
       break
     else:
-      if not fallback and backward:
+      if not fallback and op == "backward":
         # The forward can run: raise only if a gradient is taken.
-        chosen.append(chosen[0])
+        chosen[op] = names[0]
         continue
       raise errors[-1]
-  return Plan(chosen[0], chosen[1], auto=False, interpret=interpret)
+  return Plan(tuple(chosen.items()), auto=False, interpret=interpret)
 
 
-# The automatic choice's order of kernels after the table's own.
-_KERNEL_PREFERENCE = ("mosaic", "triton")
-
-
-def _auto_plan(m, n, dtype) -> Plan:
+def _auto_plan(ops, problem: Problem) -> Plan:
   """implementation=None: per op, the table's choice for CUDA; where that
   kernel cannot run, the next kernel that can, else XLA."""
-  chosen, fallbacks = [], {}
-  for op, backward in (("forward", False), ("backward", True)):
-    best = speed_table.choose(op, platform.generation(), m, n, dtype)
+  chosen, fallbacks = {}, {}
+  for op in ops:
+    best = speed_table.choose(op, platform.generation(), problem.m,
+                              problem.n, problem.dtype)
     if best == "xla":
-      logger.debug("rms_norm %s: XLA is the faster choice at (%d, %d) %s",
-                   op, m, n, dtype)
-      chosen.append(best)
+      logger.debug("rms_norm %s: XLA is the faster choice for %s", op,
+                   problem)
+      chosen[op] = best
       continue
-    candidates = [best] + [k for k in _KERNEL_PREFERENCE if k != best]
     reasons = []
-    for name in candidates + ["xla"]:
+    for name in [best] + [k for k in _KERNEL_PREFERENCE if k != best] + [
+        "xla"]:
       try:
-        _check(name, m, n, dtype, backward=backward, need_gpu=False)
+        _check(name, op, problem, need_gpu=False)
       except NotImplementedError as e:
         reasons.append(f"{name!r}: {e}")
         continue
-      chosen.append(name)
+      chosen[op] = name
       break
-    if name != best:
-      fallbacks.setdefault((name, reasons[0]), []).append(op)
-  for (name, reason), ops in fallbacks.items():
-    message = (f"jax_rmsnorm: the {' and '.join(ops)} of {m} rows of {n} "
-               f"({jax.numpy.dtype(dtype).name}) run on {name!r}, not "
-               f"{reason}")
+    if chosen[op] != best:
+      fallbacks.setdefault((chosen[op], reasons[0]), []).append(op)
+  for (name, reason), fell_back in fallbacks.items():
+    message = (f"jax_rmsnorm: the {' and '.join(fell_back)} of {problem} "
+               f"run on {name!r}, not {reason}")
     if platform.on_cuda_gpu():  # A performance cliff: say so, once.
       _warn_once(message)
     else:
       logger.debug("%s", message)
-  return Plan(chosen[0], chosen[1], auto=True, interpret=False)
+  return Plan(tuple(chosen.items()), auto=True, interpret=False)
 
 
-def _per_platform(plan: Plan, name: str, kernel_fn, reference_fn):
-  """The kernel on CUDA and the reference elsewhere when auto; else the one
-  chosen."""
-  if name == "xla":
-    return reference_fn
-  if not plan.auto:
-    return kernel_fn
+def _local(plan: Plan, op: str, static: dict):
+  """The per-device function of `op`: the chosen implementation (on CUDA
+  only, when automatic; the reference elsewhere), or the reference's
+  arithmetic with psums where rows are sharded (`hidden_axes`)."""
+  name = plan[op]
+  reference_fn = functools.partial(_REFERENCE[op], **static)
 
-  def run(*args, **kwargs):
-    return per_platform.call(functools.partial(kernel_fn, **kwargs),
-                             functools.partial(reference_fn, **kwargs), *args)
-  return run
-
-
-def _local_forward(plan: Plan, opts: validation.Options, x, residual, scale,
-                   *, save_rstd: bool, hidden_axes=()):
-  kwargs = dict(opts.forward_kwargs(), save_rstd=save_rstd)
-  if hidden_axes:
-    return reference.forward(x, residual, scale, hidden_axes=hidden_axes,
-                             **kwargs)
-  kernel = functools.partial(_backend(plan.forward).forward,
-                             interpret=plan.interpret)
-  fn = _per_platform(plan, plan.forward, kernel, reference.forward)
-  return fn(x, residual, scale, **kwargs)
-
-
-def _local_backward(plan: Plan, opts: validation.Options, x, dy, dh, scale,
-                    rstd, *, hidden_axes=()):
-  kwargs = opts.backward_kwargs()
-  if hidden_axes:
-    return reference.backward(x, dy, dh, scale, rstd,
-                              hidden_axes=hidden_axes, **kwargs)
-  kernel = functools.partial(_backend(plan.backward).backward,
-                             interpret=plan.interpret)
-  fn = _per_platform(plan, plan.backward, kernel, reference.backward)
-  return fn(x, dy, dh, scale, rstd, **kwargs)
+  def local(*args, hidden_axes=(), **kwargs):
+    if hidden_axes or name == "xla":
+      return reference_fn(*args, hidden_axes=hidden_axes, **kwargs)
+    kernel = functools.partial(_function(name, op), interpret=plan.interpret,
+                               **static, **kwargs)
+    if not plan.auto:
+      return kernel(*args)
+    return per_platform.call(
+        kernel, functools.partial(reference_fn, **kwargs), *args)
+  return local
 
 
 def run(x, residual, scale, opts: validation.Options, *, names, fallback,
         interpret: bool):
-  """(y, h) of validated, non-empty arrays, by the implementation chosen
-  (`names` None: automatic)."""
+  """(y, h) of validated, non-empty arrays (h None without a residual)."""
   n = x.shape[-1]
-  p = plan(names, fallback, interpret, x.size // n, n, x.dtype)
+  p = plan(("forward", "backward"), Problem(x.size // n, n, x.dtype), names,
+           fallback, interpret)
   logger.debug("rms_norm: %s for x %s %s", p, x.shape, x.dtype)
-  if p.forward == p.backward == "xla":
+  if p["forward"] == p["backward"] == "xla":
     # XLA's own autodiff of the reference: what XLA fuses best.
     out = reference.forward(x, residual, scale, **opts.forward_kwargs())
     return out.y, out.h
-  ops = vjp.Ops(forward=functools.partial(_local_forward, p, opts),
-                backward=functools.partial(_local_backward, p, opts),
+  ops = vjp.Ops(forward=_local(p, "forward", opts.forward_kwargs()),
+                backward=_local(p, "backward", opts.backward_kwargs()),
                 opts=opts, x_dtype=x.dtype)
   return vjp.apply(ops, x, residual, scale)
+
+
+def run_quantized(x, residual, scale, quant_scale, opts: validation.Options,
+                  quant_dtype, *, names, fallback, interpret: bool):
+  """(y_q, row_scales (..., 1) or None, h or None) of validated, non-empty
+  arrays; quant_scale None (dynamic), (1,) or (N,). Not differentiable."""
+  n = x.shape[-1]
+  problem = Problem(x.size // n, n, x.dtype, jnp.dtype(quant_dtype))
+  p = plan(("quant",), problem, names, fallback, interpret)
+  logger.debug("rms_norm_quantized: %s for x %s %s", p, x.shape, x.dtype)
+  static = dict(epsilon=opts.epsilon, scale_offset=opts.scale_offset,
+                cast_order=opts.cast_order, quant_dtype=quant_dtype)
+  if p["quant"] == "xla":
+    return tuple(quantize.reference(x, residual, scale,
+                                    quant_scale=quant_scale, **static))
+  return partitioning.quantize(_local(p, "quant", static), x, residual,
+                               scale, quant_scale)

@@ -1,8 +1,8 @@
 """How JAX's partitioner runs the ops on sharded arrays, without gathers.
 
-An op here is a per-device function (`local_forward`, `local_backward`)
-applied to each device's shard. Which device holds which shard is decided in
-one of three ways, and the ops work under each:
+An op here is a per-device function (`local`) applied to each device's
+shard. Which device holds which shard is decided in one of three ways, and
+the ops work under each:
 
 - Auto mesh axes (`jax.jit` with `NamedSharding` inputs; the default): the
   partitioner (Shardy, or GSPMD) chooses the shardings. `custom_partitioning`
@@ -16,15 +16,21 @@ one of three ways, and the ops work under each:
 
 Communication, per op, whatever decided the shardings: none for the rows
 when only leading axes are sharded; one psum of a float32 (rows, 1) vector
-when the hidden axis is (the partial sums of squares, in the backward the
-partial dot products); one all-reduce of the float32 (N,) d(scale) over the
-axes that shard the rows. Activations are never gathered.
+when the hidden axis is (the partial sums of squares; in the backward the
+partial dot products; for a quantized output also a pmax of the row
+maxima); one all-reduce of the float32 (N,) d(scale) over the axes that
+shard the rows. Activations are never gathered.
+
+Every array an op takes or returns is of one of these kinds, which fix its
+sharding from x's:
+  "x": (..., N), as x;  "r": (...,), x's rows;  "r1": (..., 1), x's rows;
+  "n": (N,), as x's hidden axis;  "1": (1,), replicated.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +41,8 @@ from jax.sharding import PartitionSpec as P
 from jax_rmsnorm._src import avals
 from jax_rmsnorm._src.reference import ForwardOutputs
 
-# local_forward(x, residual, scale, *, save_rstd, hidden_axes) -> outputs
-LocalForward = Callable[..., ForwardOutputs]
-# local_backward(x, dy, dh, scale, rstd, *, hidden_axes) -> (dx, dscale_f32)
-LocalBackward = Callable[..., tuple]
+# local(*arrays, hidden_axes=(mesh axes sharding x's rows' elements)).
+Local = Callable[..., Sequence]
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -48,53 +52,154 @@ def _axes(entry) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def _full_spec(sharding, ndim: int) -> tuple:
-  spec = tuple(sharding.spec) if sharding is not None else ()
-  return spec + (None,) * (ndim - len(spec))
-
-
 class _Layout:
-  """x's sharding, read as what the ops need: the leading axes' specs, the
-  hidden axis' spec, the mesh axes that shard rows and the hidden axis."""
+  """x's sharding, read as what every kind of array needs."""
 
-  def __init__(self, spec: tuple):
-    self.leading = spec[:-1]
-    self.hidden = spec[-1]
+  def __init__(self, sharding, ndim: int):
+    spec = tuple(sharding.spec) if sharding is not None else ()
+    spec += (None,) * (ndim - len(spec))
+    self.leading, self.hidden = spec[:-1], spec[-1]
     self.hidden_axes = _axes(self.hidden)
     self.row_axes = tuple(a for e in self.leading for a in _axes(e))
 
-  def x(self, mesh):
-    return NamedSharding(mesh, P(*self.leading, self.hidden))
-
-  def rows(self, mesh):
-    return NamedSharding(mesh, P(*self.leading))
-
-  def scale(self, mesh):
-    return NamedSharding(mesh, P(self.hidden))
+  def spec(self, kind: str) -> P:
+    return {"x": P(*self.leading, self.hidden), "r": P(*self.leading),
+            "r1": P(*self.leading, None), "n": P(self.hidden),
+            "1": P(None)}[kind]
 
 
-def _rule(ndim: int, operands: str, results: str) -> str:
-  """A Shardy rule over the factors of x: leading axes a0.., hidden n.
-  `operands`/`results` spell each array as x (all), r (rows) or n."""
-  lead = " ".join(f"a{i}" for i in range(ndim - 1))
-  spell = {"x": f"{lead} n".strip(), "r": lead, "n": "n"}
-  return (", ".join(spell[c] for c in operands) + " -> "
-          + ", ".join(spell[c] for c in results))
+def _rule(ndim: int, operands, results) -> str:
+  """The Shardy rule: x's leading axes are factors a0.., its hidden axis n;
+  unit axes get factors of their own."""
+  lead = [f"a{i}" for i in range(ndim - 1)]
+  spell = {"x": lead + ["n"], "r": lead, "r1": lead + ["u"], "n": ["n"],
+           "1": ["s"]}
+  side = lambda kinds: ", ".join(" ".join(spell[k]) for k in kinds)
+  return f"{side(operands)} -> {side(results)}"
 
 
-def _reduce_dscale(dscale, row_axes):
-  if dscale is None or not row_axes:
-    return dscale
-  return jax.lax.psum(dscale, row_axes)
+class Op:
+  """A per-device function with the kinds of its arrays; it returns a tuple
+  (None where an output is absent). `summed` names the outputs that are
+  sums over the local rows (d(scale)): they are all-reduced over the mesh
+  axes that shard the rows, once."""
 
+  def __init__(self, local: Local, in_kinds: Sequence[str],
+               out_kinds: Sequence[str], summed: Sequence[int] = ()):
+    self.in_kinds, self.out_kinds = tuple(in_kinds), tuple(out_kinds)
+    self.local = lambda *args, hidden_axes=(): tuple(
+        local(*args, hidden_axes=hidden_axes))
+    self.summed = frozenset(summed)
 
-# ---------------------------------------------------------------- contexts
+  def per_device(self, hidden_axes, row_axes):
+    """The function each device runs, its sums reduced over `row_axes`."""
+    def fn(*args):
+      outs = list(self.local(*args, hidden_axes=hidden_axes))
+      for i in self.summed:
+        if outs[i] is not None and row_axes:
+          outs[i] = jax.lax.psum(outs[i], row_axes)
+      return tuple(outs)
+    return fn
+
+  def _specs(self, layout, values, kinds, wrap=lambda spec: spec):
+    return tuple(None if v is None else wrap(layout.spec(k))
+                 for v, k in zip(values, kinds))
+
+  def __call__(self, *args):
+    if avals.manual_axes():
+      # d(scale) sums over the rows of every device the inputs vary over
+      # where the scale does not: its cotangent must vary as the scale does.
+      varying = avals.varying_axes(*args)
+      fixed = avals.varying_axes(*[a for a, k in zip(args, self.in_kinds)
+                                   if k in ("n", "1")])
+      return self.per_device((), tuple(sorted(varying - fixed)))(*args)
+    mesh = _explicit_mesh(args[0])
+    if mesh is not None:
+      return self._explicit(mesh, *args)
+    return self._batchable()(*args)
+
+  def _explicit(self, mesh, *args):
+    layout = _Layout(jax.typeof(args[0]).sharding, args[0].ndim)
+    args = [_reshard(a, layout.spec(k)) for a, k in zip(args, self.in_kinds)]
+    fn = self.per_device(layout.hidden_axes, layout.row_axes)
+    shapes = self._out_shapes(args)
+    return _shard_map(fn, mesh, self._specs(layout, shapes, self.out_kinds))(
+        *args)
+
+  def _out_shapes(self, args):
+    """The outputs' shapes (None where absent), from unsharded stand-ins:
+    Pallas does not trace arrays whose types carry shardings."""
+    return jax.eval_shape(self.local, *[
+        None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
+        for a in args])
+
+  def _partitioned(self, args, shapes):
+    """custom_partitioning of the op (Auto axes)."""
+    op = self
+
+    def shardings(mesh, layout, values, kinds):
+      return op._specs(layout, values, kinds,
+                       lambda spec: NamedSharding(mesh, spec))
+
+    def infer(mesh, arg_shapes, result_shape):
+      layout = _Layout(arg_shapes[0].sharding, len(arg_shapes[0].shape))
+      return shardings(mesh, layout, result_shape, op.out_kinds)
+
+    def partition(mesh, arg_shapes, result_shape):
+      layout = _Layout(arg_shapes[0].sharding, len(arg_shapes[0].shape))
+      return (mesh, op.per_device(layout.hidden_axes, layout.row_axes),
+              shardings(mesh, layout, result_shape, op.out_kinds),
+              shardings(mesh, layout, arg_shapes, op.in_kinds))
+
+    present = lambda values, kinds: [k for v, k in zip(values, kinds)
+                                     if v is not None]
+    fn = custom_partitioning(lambda *args: op.local(*args))
+    fn.def_partition(
+        partition=partition, infer_sharding_from_operands=infer,
+        sharding_rule=_rule(args[0].ndim, present(args, op.in_kinds),
+                            present(shapes, op.out_kinds)))
+    return fn
+
+  def _batchable(self):
+    """The partitioned op, under vmap too (custom_partitioning has no
+    batching rule): batched rows are more leading axes; a batched vector
+    operand (the scale) is handed to the unpartitioned op under vmap."""
+    op = self
+
+    @jax.custom_batching.custom_vmap
+    def run(*args):
+      if args[0].ndim < 2 or jax.device_count() == 1:
+        # Nothing to partition (custom_partitioning would be inlined; it
+        # cannot be lowered for an abstract device, as CUDA exports from a
+        # CPU host are).
+        return op.local(*args)
+      return op._partitioned(args, op._out_shapes(args))(*args)
+
+    @run.def_vmap
+    def _(axis_size, in_batched, *args):
+      vectors = ("n", "1")
+      if any(b for b, k in zip(in_batched, op.in_kinds) if k in vectors):
+        in_axes = tuple(None if a is None else (0 if b else None)
+                        for a, b in zip(args, in_batched))
+        out = jax.vmap(op.local, in_axes=in_axes, axis_size=axis_size)(*args)
+        return out, tuple(None if o is None else True for o in out)
+      args = [a if a is None or b or k in vectors else
+              jnp.broadcast_to(a, (axis_size,) + a.shape)
+              for a, b, k in zip(args, in_batched, op.in_kinds)]
+      out = run(*args)
+      # Row-shaped outputs carry the batch; sums over rows (d(scale)) sum
+      # over it too.
+      return out, tuple(None if o is None else k not in vectors
+                        for o, k in zip(out, op.out_kinds))
+
+    return run
+
 
 def _explicit_mesh(x):
   """The mesh of x's type when it has Explicit axes (sharding in types)."""
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not mesh.axis_names or avals.manual_axes():
+  if mesh is None or not mesh.axis_names:
     return None
   explicit = jax.sharding.AxisType.Explicit
   if not any(t == explicit for t in mesh.axis_types):
@@ -104,227 +209,42 @@ def _explicit_mesh(x):
 
 def _shard_map(fn, mesh, out_specs):
   """shard_map over x's explicit mesh, in_specs from the arguments' types.
-  The collectives are explicit here (psum over the axes layout names), so
-  vma checking has nothing to add; it is off because Pallas's interpret mode
-  trips it (an invarying pad value inside a varying kernel)."""
+  The collectives are explicit here (psums over the axes the layout
+  names), so vma checking has nothing to add; it is off because Pallas's
+  interpret mode trips it (an invarying pad value inside a varying
+  kernel)."""
   return jax.shard_map(fn, mesh=mesh, out_specs=out_specs, check_vma=False)
 
 
 def _reshard(value, spec):
-  if value is None:
-    return None
-  if tuple(jax.typeof(value).sharding.spec) == tuple(spec):
+  if value is None or tuple(jax.typeof(value).sharding.spec) == tuple(spec):
     return value
   return jax.sharding.reshard(value, spec)
 
 
-# ---------------------------------------------------------------- forward
+# ------------------------------------------------------------------- ops
 
-def forward(local: LocalForward, x, residual, scale, *,
+def forward(local: Local, x, residual, scale, *,
             save_rstd: bool) -> ForwardOutputs:
-  """`local` applied shard by shard under any of the three contexts."""
-  if avals.manual_axes():
-    return local(x, residual, scale, save_rstd=save_rstd, hidden_axes=())
-  mesh = _explicit_mesh(x)
-  if mesh is not None:
-    return _forward_explicit(local, mesh, x, residual, scale, save_rstd)
-  return _batchable_forward(local, save_rstd)(x, residual, scale)
+  """local(x, residual, scale, save_rstd=, hidden_axes=) -> (y, h, rstd),
+  shard by shard."""
+  op = Op(functools.partial(local, save_rstd=save_rstd), ("x", "x", "n"),
+          ("x", "x", "r"))
+  return ForwardOutputs(*op(x, residual, scale))
 
 
-def _forward_explicit(local, mesh, x, residual, scale, save_rstd):
-  layout = _Layout(_full_spec(jax.typeof(x).sharding, x.ndim))
-  x_spec, rows_spec = P(*layout.leading, layout.hidden), P(*layout.leading)
-  residual = _reshard(residual, x_spec)
-  scale = _reshard(scale, P(layout.hidden))
-  fn = functools.partial(local, save_rstd=save_rstd,
-                         hidden_axes=layout.hidden_axes)
-  out_specs = ForwardOutputs(x_spec, None if residual is None else x_spec,
-                             rows_spec if save_rstd else None)
-  return _shard_map(fn, mesh, out_specs)(x, residual, scale)
-
-
-def _partitioned_forward(local: LocalForward, save_rstd: bool):
-  """custom_partitioning of `local` (Auto axes)."""
-  def out_shardings(mesh, layout, residual):
-    return ForwardOutputs(layout.x(mesh),
-                          None if residual is None else layout.x(mesh),
-                          layout.rows(mesh) if save_rstd else None)
-
-  def infer(mesh, arg_shapes, result_shape):
-    del result_shape
-    x, residual, _ = arg_shapes
-    layout = _Layout(_full_spec(x.sharding, len(x.shape)))
-    return out_shardings(mesh, layout, residual)
-
-  def partition(mesh, arg_shapes, result_shape):
-    del result_shape
-    x, residual, scale = arg_shapes
-    layout = _Layout(_full_spec(x.sharding, len(x.shape)))
-    args = (layout.x(mesh), None if residual is None else layout.x(mesh),
-            None if scale is None else layout.scale(mesh))
-    fn = functools.partial(local, save_rstd=save_rstd,
-                           hidden_axes=layout.hidden_axes)
-    return mesh, fn, out_shardings(mesh, layout, residual), args
-
-  op = custom_partitioning(
-      lambda x, residual, scale: local(x, residual, scale,
-                                       save_rstd=save_rstd, hidden_axes=()))
-
-  def define(ndim, has_residual, has_scale):
-    operands = "x" + ("x" if has_residual else "") + ("n" if has_scale else "")
-    results = "x" + ("x" if has_residual else "") + ("r" if save_rstd else "")
-    op.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                     sharding_rule=_rule(ndim, operands, results))
-    return op
-
-  return define
-
-
-def _one_device() -> bool:
-  """Nothing can be sharded: custom_partitioning would only be inlined (and
-  it cannot be exported with an abstract device, as CPU-hosted CUDA exports
-  are)."""
-  return jax.device_count() == 1
-
-
-def _batchable_forward(local: LocalForward, save_rstd: bool):
-  """The partitioned forward, under vmap too (custom_partitioning has no
-  batching rule): a batched x is more leading axes; a batched scale is
-  handed to Pallas's own batching of the unpartitioned kernel."""
-  define = _partitioned_forward(local, save_rstd)
-
-  @jax.custom_batching.custom_vmap
-  def run(x, residual, scale):
-    if x.ndim < 2 or _one_device():  # Nothing to partition.
-      return local(x, residual, scale, save_rstd=save_rstd, hidden_axes=())
-    return define(x.ndim, residual is not None, scale is not None)(
-        x, residual, scale)
-
-  @run.def_vmap
-  def _(axis_size, in_batched, x, residual, scale):
-    x_b, residual_b, scale_b = in_batched
-    if scale_b:
-      fn = functools.partial(local, save_rstd=save_rstd, hidden_axes=())
-      in_axes = (0 if x_b else None, 0 if residual_b else None, 0)
-      out = jax.vmap(fn, in_axes=in_axes, axis_size=axis_size)(
-          x, residual, scale)
-    else:
-      x = x if x_b else _broadcast(x, axis_size)
-      if residual is not None and not residual_b:
-        residual = _broadcast(residual, axis_size)
-      out = run(x, residual, scale)
-    return out, ForwardOutputs(True, None if out.h is None else True,
-                               None if out.rstd is None else True)
-
-  return run
-
-
-def _broadcast(value, size):
-  return jnp.broadcast_to(value, (size,) + value.shape)
-
-
-# ---------------------------------------------------------------- backward
-
-def backward(local: LocalBackward, x, dy, dh, scale, rstd):
-  """(dx, float32 d(scale) summed over every row) from `local` applied shard
-  by shard under any of the three contexts."""
-  if avals.manual_axes():
-    dx, dscale = local(x, dy, dh, scale, rstd, hidden_axes=())
-    # d(scale) sums over the rows of every device x varies over, where the
-    # scale does not: the cotangent must vary as the scale does.
-    axes = avals.varying_axes(x, dy, dh, rstd) - avals.varying_axes(scale)
-    return dx, _reduce_dscale(dscale, tuple(sorted(axes)))
-  mesh = _explicit_mesh(x)
-  if mesh is not None:
-    return _backward_explicit(local, mesh, x, dy, dh, scale, rstd)
-  return _batchable_backward(local)(x, dy, dh, scale, rstd)
-
-
-def _shard_backward(local, layout):
-  def fn(x, dy, dh, scale, rstd):
-    dx, dscale = local(x, dy, dh, scale, rstd,
-                       hidden_axes=layout.hidden_axes)
-    return dx, _reduce_dscale(dscale, layout.row_axes)
-  return fn
-
-
-def _backward_explicit(local, mesh, x, dy, dh, scale, rstd):
-  layout = _Layout(_full_spec(jax.typeof(x).sharding, x.ndim))
-  x_spec = P(*layout.leading, layout.hidden)
-  dy, dh = _reshard(dy, x_spec), _reshard(dh, x_spec)
-  scale_spec = None if scale is None else jax.typeof(scale).sharding.spec
-  scale = _reshard(scale, P(layout.hidden))
-  rstd = _reshard(rstd, P(*layout.leading))
-  out_specs = (x_spec, None if scale is None else P(layout.hidden))
-  dx, dscale = _shard_map(_shard_backward(local, layout), mesh, out_specs)(
+def backward(local: Local, x, dy, dh, scale, rstd):
+  """local(x, dy, dh, scale, rstd, hidden_axes=) -> (dx, float32 d(scale)
+  summed over the local rows), shard by shard; d(scale) comes back summed
+  over every row."""
+  return Op(local, ("x", "x", "x", "n", "r"), ("x", "n"), summed=(1,))(
       x, dy, dh, scale, rstd)
-  return dx, _reshard(dscale, scale_spec)
 
 
-def _partitioned_backward(local: LocalBackward):
-  def out_shardings(mesh, layout, scale):
-    return (layout.x(mesh), None if scale is None else layout.scale(mesh))
-
-  def infer(mesh, arg_shapes, result_shape):
-    del result_shape
-    layout = _Layout(_full_spec(arg_shapes[0].sharding,
-                                len(arg_shapes[0].shape)))
-    return out_shardings(mesh, layout, arg_shapes[3])
-
-  def partition(mesh, arg_shapes, result_shape):
-    del result_shape
-    _, _, dh, scale, _ = arg_shapes
-    layout = _Layout(_full_spec(arg_shapes[0].sharding,
-                                len(arg_shapes[0].shape)))
-    xs = layout.x(mesh)
-    args = (xs, xs, None if dh is None else xs,
-            None if scale is None else layout.scale(mesh), layout.rows(mesh))
-    return (mesh, _shard_backward(local, layout),
-            out_shardings(mesh, layout, scale), args)
-
-  op = custom_partitioning(
-      lambda x, dy, dh, scale, rstd: local(x, dy, dh, scale, rstd,
-                                           hidden_axes=()))
-
-  def define(ndim, has_dh, has_scale):
-    operands = "xx" + ("x" if has_dh else "") + ("n" if has_scale else "") + "r"
-    results = "x" + ("n" if has_scale else "")
-    op.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                     sharding_rule=_rule(ndim, operands, results))
-    return op
-
-  return define
-
-
-def _batchable_backward(local: LocalBackward):
-  define = _partitioned_backward(local)
-
-  @jax.custom_batching.custom_vmap
-  def run(x, dy, dh, scale, rstd):
-    if x.ndim < 2 or _one_device():
-      return local(x, dy, dh, scale, rstd, hidden_axes=())
-    return define(x.ndim, dh is not None, scale is not None)(
-        x, dy, dh, scale, rstd)
-
-  @run.def_vmap
-  def _(axis_size, in_batched, x, dy, dh, scale, rstd):
-    x_b, dy_b, dh_b, scale_b, rstd_b = in_batched
-    if scale_b:
-      fn = functools.partial(local, hidden_axes=())
-      in_axes = tuple(None if a is None else (0 if b else None) for a, b in
-                      zip((x, dy, dh, scale, rstd), in_batched))
-      dx, dscale = jax.vmap(fn, in_axes=in_axes, axis_size=axis_size)(
-          x, dy, dh, scale, rstd)
-      return (dx, dscale), (True, None if dscale is None else True)
-    x, dy = (v if b else _broadcast(v, axis_size)
-             for v, b in ((x, x_b), (dy, dy_b)))
-    if dh is not None and not dh_b:
-      dh = _broadcast(dh, axis_size)
-    if not rstd_b:
-      rstd = _broadcast(rstd, axis_size)
-    # One scale for every batch entry: d(scale) sums over all of them.
-    return run(x, dy, dh, scale, rstd), (True, None if scale is None
-                                         else False)
-
-  return run
-
+def quantize(local: Local, x, residual, scale, quant_scale):
+  """local(x, residual, scale, quant_scale, hidden_axes=) -> (y_q,
+  row_scales (..., 1) or None, h or None), shard by shard. quant_scale is
+  None, (1,) or (N,)."""
+  kind = "1" if quant_scale is not None and quant_scale.shape == (1,) else "n"
+  return Op(local, ("x", "x", "n", kind), ("x", "r1", "x"))(
+      x, residual, scale, quant_scale)

@@ -169,8 +169,8 @@ def saturate_cast(v: jax.Array, quant_dtype) -> jax.Array:
 
 # --- the specification -------------------------------------------------------
 
-def reference(x, residual, scale, *, epsilon, scale_offset, quant_dtype,
-              quant_scale, cast_order="float32", hidden_axes=(),
+def reference(x, residual, scale, quant_scale=None, *, epsilon, scale_offset,
+              quant_dtype, cast_order="float32", hidden_axes=(),
               interpret=False) -> QuantizedOutputs:
   """RMSNorm of rows of x (or of h = x + residual) quantized to quant_dtype.
 

@@ -296,3 +296,42 @@ def test_lowering_for_cuda_in_shard_map(spec, monkeypatch):
   text = lowered.as_text()
   calls = [l for l in text.splitlines() if TRITON_CALL in l]
   assert len(calls) == 2, calls  # one forward, one backward kernel
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("shape,names,spec", [CASES[1], CASES[3]],
+                         ids=[CASE_IDS[1], CASE_IDS[3]])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_quantized_sharded(shape, names, spec, axis_type, static):
+  """rms_norm_quantized keeps x's sharding (row scales its rows'); values
+  are the unsharded reference's, to the bit for y_q where the hidden axis
+  is whole and within one code otherwise (a row's squares are summed in
+  another order); no gathers."""
+  mesh = _mesh(shape, names, axis_type)
+  (x, scale, _, res), (xs, ss, _, rs) = _inputs(50, mesh, spec, "bfloat16")
+  kwargs = dict(quant_scale=0.01 if static else None, **KERNEL)
+  ref = jax_rmsnorm.rms_norm_quantized(x, scale, residual=res,
+                                       implementation="xla",
+                                       quant_scale=kwargs["quant_scale"])
+  with jax.set_mesh(mesh):
+    fn = jax.jit(functools.partial(jax_rmsnorm.rms_norm_quantized, **kwargs))
+    out = fn(xs, ss, residual=rs)
+    hlo = fn.lower(xs, ss, residual=rs).compile().as_text()
+  hidden_sharded = spec[2:] and spec[2] is not None
+  for got, want in zip(out, ref):
+    if got.ndim == 3 and got.shape[-1] == 1:  # row scales
+      rows = NamedSharding(mesh, P(*tuple(spec)[:2], None))
+      assert got.sharding.is_equivalent_to(rows, 3), got.sharding
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                                 rtol=4 * 2.0**-24 * np.sqrt(N))
+      continue
+    assert got.sharding.is_equivalent_to(xs.sharding, 3), got.sharding
+    g, w = (np.asarray(v.astype(jnp.float32)) for v in (got, want))
+    if hidden_sharded and got.dtype != jnp.bfloat16:
+      codes = np.abs(g - w) / np.maximum(np.abs(w), 1e-30)
+      assert np.all((g == w) | (codes <= 2.0**-2)), np.max(codes)
+    else:
+      np.testing.assert_array_equal(g, w)
+  found = collectives(hlo)
+  assert not [c for c in found if c[2] != "all-reduce"], found
+  assert all(c[1] <= B * S for c in found), found  # row vectors only
