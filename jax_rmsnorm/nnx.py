@@ -9,6 +9,11 @@ with `dtype` set, x and the scale are computed in `dtype`; without, the
 result has x's and the scale's promoted dtype (bf16 x with a float32 scale
 gives float32, as in flax). Statistics are float32 either way.
 
+`quantize(x, quant_dtype=..., quant_scale=None, residual=None)` gives the
+output straight in fp8/int8 for inference; a method rather than a
+constructor flag, so that the same layer (and checkpoint) serves training
+and quantized inference, and `__call__` keeps flax's return type.
+
 Options the kernel cannot honour raise NotImplementedError naming them:
 `reduction_axes`/`feature_axes` other than the last axis, `axis_name`,
 `axis_index_groups`, `mask`. `use_fast_variance` has no effect on an RMS
@@ -18,6 +23,7 @@ applies it.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx as _nnx
 
 from jax_rmsnorm._src import api
@@ -53,6 +59,20 @@ class RMSNorm(_nnx.RMSNorm):
     return api.rms_norm(x, scale, epsilon=self.epsilon, out_dtype=out_dtype,
                         implementation=self.implementation,
                         interpret=self.interpret)
+
+  def quantize(self, x, *, quant_dtype=jnp.float8_e4m3fn, quant_scale=None,
+               residual=None):
+    """The layer's output straight to fp8/int8, for an fp8/int8 matmul
+    (`jax_rmsnorm.rms_norm_quantized`, one kernel): y_q with a static
+    `quant_scale`, or (y_q, row_scales) with per-token scales; h appended
+    with a residual. The normalization is computed as by `__call__` (in
+    float32), then quantized instead of rounded to the layer's dtype."""
+    scale, _ = self._scale_and_dtype(x if residual is None else residual,
+                                     None)
+    return api.rms_norm_quantized(
+        x, scale, epsilon=self.epsilon, quant_dtype=quant_dtype,
+        quant_scale=quant_scale, residual=residual,
+        implementation=self.implementation, interpret=self.interpret)
 
   def add_and_normalize(self, x, residual):
     """`(self(h), h)` with `h = x + residual` in residual's dtype, in one

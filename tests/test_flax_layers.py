@@ -183,3 +183,31 @@ def test_layers_take_zero_rows(impl):
   y = jax_rmsnorm.nnx.RMSNorm(N, rngs=nnx.Rngs(0), implementation=impl[0],
                               interpret=impl[1])(x)
   assert y.shape == x.shape and y.dtype == jnp.float32  # promoted, as flax
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_nnx_quantize_method(impl):
+  """The layer's quantize method: the layer's scale and epsilon, y_q and
+  per-token scales that dequantize to the layer's float32 output within
+  half an fp8 step; a static scale; with a residual, h too."""
+  layer = jax_rmsnorm.nnx.RMSNorm(N, epsilon=1e-5, rngs=nnx.Rngs(0),
+                                  scale_init=nnx.initializers.normal(1.0),
+                                  implementation=impl[0], interpret=impl[1])
+  x = _x("bfloat16")
+  y = np.asarray(jax_rmsnorm.rms_norm(x, layer.scale[...], epsilon=1e-5,
+                                      out_dtype=jnp.float32,
+                                      implementation="xla"))
+  y_q, row_scales = nnx.jit(lambda m, x: m.quantize(x))(layer, x)
+  assert y_q.dtype == jnp.float8_e4m3fn and row_scales.shape == (2, 5, 1)
+  deq = np.asarray(y_q.astype(jnp.float32)) * np.asarray(row_scales)
+  # e4m3 keeps 3 mantissa bits: half a step is 2**-4 of the value.
+  assert np.all(np.abs(deq - y) <= 2.0**-4 * np.abs(y) + 1e-6), np.max(
+      np.abs(deq - y) - 2.0**-4 * np.abs(y))
+  y_q = layer.quantize(x, quant_dtype=jnp.int8, quant_scale=0.05)
+  assert y_q.dtype == jnp.int8
+  # One code off at most, where y sits at a rounding tie within float32
+  # error (the kernel's y is the reference's up to its sum order).
+  codes = np.clip(np.round(y / 0.05), -127, 127)
+  assert np.max(np.abs(np.asarray(y_q, np.float64) - codes)) <= 1
+  y_q, row_scales, h = layer.quantize(x, residual=x)
+  np.testing.assert_array_equal(np.asarray(h), np.asarray(x + x))
