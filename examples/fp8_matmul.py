@@ -24,20 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_rmsnorm._src import reference as norm_reference
-# The fused op, through its reference implementation until the public API
-# has it. Then replace the import below and the wrapper under it by
-#   from jax_rmsnorm import rms_norm_quantized
-# (expected: rms_norm_quantized(x, scale, *, epsilon, quant_dtype,
-# quant_scale=None) -> (y_q, row_scales)).
-from jax_rmsnorm._src.quantize import reference as rms_norm_quantized_ref
-
-
-def rms_norm_quantized(x, scale, *, epsilon, quant_dtype, quant_scale=None):
-  y_q, row_scales, _ = rms_norm_quantized_ref(
-      x, None, scale, epsilon=epsilon, scale_offset=0.0,
-      quant_dtype=quant_dtype, quant_scale=quant_scale)
-  return y_q, row_scales
+from jax_rmsnorm import rms_norm
+from jax_rmsnorm import rms_norm_quantized
 
 
 # Bound on ||out - out_f32|| / ||out_f32||, about 1.6x what was measured.
@@ -117,8 +105,8 @@ def main(argv=None) -> dict:
        / np.sqrt(args.hidden)).astype(jnp.bfloat16)
 
   # What the quantized path approximates: the float32 norm, float32 matmul.
-  y32 = norm_reference.forward(x, None, norm_scale, epsilon=epsilon,
-                               scale_offset=0.0, out_dtype=jnp.float32).y
+  y32 = rms_norm(x, norm_scale, epsilon=epsilon, out_dtype=jnp.float32,
+                 implementation="xla")
   want = np.asarray(jnp.dot(y32, w.astype(jnp.float32),
                             precision=jax.lax.Precision.HIGHEST))
   errors = {}
