@@ -142,8 +142,6 @@ def _backward_row(m, n, dtype, iterations, candidates=backward_candidates):
   x, scale = testing.random_inputs(0, (m, n), dtype)
   dy, _ = testing.random_inputs(1, (m, n), dtype)
   ref = testing.oracle_grad(x, scale, dy)
-  tols = (testing.grad_tolerance(dtype, n),
-          testing.scale_grad_tolerance(scale.dtype, m, n))
   rstd = jax.jit(lambda a, s: triton_forward.forward(
       a, None, s, epsilon=1e-6, scale_offset=0.0, save_rstd=True).rstd)(
           x, scale)
@@ -157,8 +155,8 @@ def _backward_row(m, n, dtype, iterations, candidates=backward_candidates):
                                    config=cfg))
     try:
       dx, ds = fn(x, dy, None, scale, rstd)
-      err = max(testing.relative_error(dx, ref.dx, ref.dx_size) - tols[0],
-                testing.relative_error(ds, ref.dscale, ref.dscale_size) - tols[1])
+      # The kernel's d(scale) is float32 (the vjp rounds it afterwards).
+      err = testing.grads_excess(dx, ds, ref, dtype, "float32").excess
       us = bench.measure_us(fn, x, dy, None, scale, rstd,
                             iterations=iterations)
     except Exception as e:  # pylint: disable=broad-except

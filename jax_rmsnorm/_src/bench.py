@@ -116,12 +116,9 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
   else:
     dy = other
     ref = testing.oracle_grad(x, scale, dy)
-    tols = (testing.grad_tolerance(dtype, n),
-            testing.scale_grad_tolerance(scale.dtype, m, n))
     def excess(out):
-      errs = (testing.relative_error(out[0], ref.dx, ref.dx_size),
-              testing.relative_error(out[1], ref.dscale, ref.dscale_size))
-      return max(e - t for e, t in zip(errs, tols))
+      return testing.grads_excess(out[0], out[1], ref, dtype,
+                                  scale.dtype).excess
     def make(name):
       if name == "xla":
         return jax.jit(xla_backward), (x, scale, dy), excess
@@ -152,7 +149,6 @@ def check_all_ops(shape, dtype: str, *, interpret: bool = False) -> float:
   of rms_norm (dx, dscale) and of add_rms_norm with an upstream dh (dx,
   dresidual, dscale). For the main job's self-check and the sanitizer run."""
   n = shape[-1]
-  rows = math.prod(shape) // n
   kernel = dict(implementation="triton", interpret=interpret)
   x, scale = testing.random_inputs(len(shape) * n, shape, dtype, "float32")
   other, _ = testing.random_inputs(len(shape) * n + 1, shape, dtype)
@@ -167,10 +163,7 @@ def check_all_ops(shape, dtype: str, *, interpret: bool = False) -> float:
     return np.inf
 
   def grad_excess(got_dx, dscale, ref):
-    return max(testing.relative_error(got_dx, ref.dx, ref.dx_size)
-               - testing.grad_tolerance(dtype, n),
-               testing.relative_error(dscale, ref.dscale, ref.dscale_size)
-               - testing.scale_grad_tolerance("float32", rows, n))
+    return testing.grads_excess(got_dx, dscale, ref, dtype, "float32").excess
 
   # Gradients: rows past the backward kernel's limit take the reference's
   # gradient (the forward above is the kernel's, strictly).
@@ -193,7 +186,7 @@ def check_all_ops(shape, dtype: str, *, interpret: bool = False) -> float:
       x, other, scale)
   ref = testing.oracle_grad(h, scale, other, dh=np.ones(shape))
   return max(worst, grad_excess(dx, dscale, ref),
-             grad_excess(dres, dscale, ref))
+             testing.dx_excess(dres, ref, dtype).excess)
 
 
 def summarize(rows: list[dict], impl: str = "triton") -> dict:
