@@ -42,7 +42,9 @@ def time_steps(cfg, norm, x, target, iterations, fuse_residual=True):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.bench_llama_block", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--hidden", type=int, default=4096)
   parser.add_argument("--heads", type=int, default=32)
   parser.add_argument("--mlp", type=int, default=14336)
