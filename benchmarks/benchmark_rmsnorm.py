@@ -3,16 +3,18 @@
 For every (M, N, dtype) of the shared shape list and every op (forward:
 rms_norm; backward: its dx and d(scale), from the saved residuals, against
 XLA's autodiff of the reference; add: add_rms_norm against XLA's unfused
-add then normalize): CUPTI median kernel time of the Pallas kernels, XLA's
-and XLA's copy (x * 2, the practical bandwidth ceiling), all in the same run
-on the same card; GB/s from an explicit byte count, % of the copy bandwidth,
-and time(XLA) / time(Pallas). Each output is also checked against the
-float64 oracle.
+add then normalize; step: y, dx and d(scale) from one jit, against the same
+with XLA): CUPTI median kernel time of each implementation asked for, XLA's,
+and the copy ceiling (the faster of XLA's x * 2 and a Pallas copy kernel),
+all in the same run on the same card; GB/s from an explicit byte count, % of
+the copy bandwidth, time(XLA) / time(implementation), and each output's
+worst error / bound against the float64 oracle (<= 1 passes).
 
   python -m benchmarks.benchmark_rmsnorm                 # full sweep
-  python -m benchmarks.benchmark_rmsnorm --ops backward --max-elements 1e7
+  python -m benchmarks.benchmark_rmsnorm --ops backward step --max-elements 1e7
+  python -m benchmarks.benchmark_rmsnorm --implementations triton mosaic
 
-Writes <out>/<op>_<card>.{json,csv,png}.
+Writes <out>/<op>_<card>.{json,csv,png}; exit status 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ import sys
 import jax
 
 from jax_rmsnorm._src import bench
+from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import shapes
+from jax_rmsnorm._src import validation
+
+NO_GPU = ("no NVIDIA GPU here; the benchmark times compiled kernels against "
+          "XLA with CUPTI: run it on a GPU, or run `python -m jax_rmsnorm` "
+          "for the CPU self-check")
 
 
 def _progress(items, **kwargs):
@@ -39,48 +47,87 @@ def _progress(items, **kwargs):
   return tqdm(items, **kwargs)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--ops", nargs="+", choices=bench.OPS,
-                      default=list(bench.OPS))
-  parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-  parser.add_argument("--max-elements", type=float, default=math.inf,
-                      help="skip shapes with more elements (quick runs)")
-  parser.add_argument("--iterations", type=int, default=50)
-  parser.add_argument("--out", default=os.path.join(
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m benchmarks.benchmark_rmsnorm", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ops", nargs="+", choices=bench.OPS,
+                 default=list(bench.OPS))
+  p.add_argument("--implementations", nargs="+",
+                 choices=validation.KERNEL_IMPLEMENTATIONS,
+                 default=["triton"],
+                 help="kernel families timed beside XLA (default: triton)")
+  p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+  p.add_argument("--max-elements", type=float, default=math.inf,
+                 help="skip shapes with more elements (quick runs)")
+  p.add_argument("--iterations", type=int, default=50)
+  p.add_argument("--out", default=os.path.join(
       os.path.dirname(__file__), "results"))
-  args = parser.parse_args(argv)
+  p.add_argument("--interpret", action="store_true",
+                 help="a CPU dry run of the code paths: the kernels in "
+                 "Pallas interpret mode, wall-clock times that mean nothing "
+                 "(use with a small --max-elements)")
+  return p
+
+
+def write(stem: str, record: dict) -> None:
+  """<stem>.json (the record), .csv (its rows), .png (a plot, if
+  matplotlib is installed)."""
+  rows = record["rows"]
+  with open(stem + ".json", "w") as f:
+    json.dump(record, f, indent=1)
+  with open(stem + ".csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  try:
+    from benchmarks import plot  # pylint: disable=g-import-not-at-top
+    plot.plot_op(stem + ".json", stem + ".png")
+  except ImportError as e:
+    print(f"no plot ({e}); run python -m benchmarks.plot {stem}.json")
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  if not (args.interpret or platform.on_cuda_gpu()):
+    print(f"benchmark_rmsnorm: {NO_GPU}", file=sys.stderr)
+    return 1
   card = jax.devices()[0].device_kind
   todo = [s for s in shapes.BENCHMARK_SHAPES
           if s[2] in args.dtypes and s[0] * s[1] <= args.max_elements]
+  if not todo:
+    print("benchmark_rmsnorm: no shape left by --dtypes and --max-elements",
+          file=sys.stderr)
+    return 1
   os.makedirs(args.out, exist_ok=True)
   ok = True
   for op in args.ops:
-    rows = [bench.bench_op(op, m, n, dtype, iterations=args.iterations)
-            for m, n, dtype in _progress(todo, desc=f"{op} on {card}")]
-    summary = bench.summarize(rows)
-    ok = ok and summary["all_numerics_ok"]
-    print(f"{op}   card: {card}   jax {jax.__version__}   "
-          f"CUPTI median of {args.iterations}")
+    try:
+      rows = [bench.bench_op(op, m, n, dtype,
+                             implementations=args.implementations,
+                             iterations=args.iterations,
+                             interpret=args.interpret)
+              for m, n, dtype in _progress(todo, desc=f"{op} on {card}")]
+    except NotImplementedError as e:
+      print(f"benchmark_rmsnorm: {op}: {e}", file=sys.stderr)
+      return 1
+    per_impl = bench.summaries(rows)
+    ok = ok and all(s["all_numerics_ok"] for s in per_impl.values())
+    print(f"{op} ({bench.BYTES_MOVED[op]})   card: {card}   jax "
+          f"{jax.__version__}   {bench.timer()}, median of {args.iterations}")
     print(bench.format_table(rows))
-    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in summary.items()))
+    for impl, summary in per_impl.items():
+      print(f"{impl}: {bench.format_summary(summary)}")
     stem = os.path.join(args.out,
                         f"{op}_" + re.sub(r"\W+", "_", card).strip("_"))
-    with open(stem + ".json", "w") as f:
-      json.dump(dict(op=op, card=card, jax=jax.__version__,
-                     iterations=args.iterations, summary=summary, rows=rows),
-                f, indent=1)
-    with open(stem + ".csv", "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-      writer.writeheader()
-      writer.writerows(rows)
-    try:
-      from benchmarks import plot  # pylint: disable=g-import-not-at-top
-      plot.plot_op(stem + ".json", stem + ".png")
-    except ImportError as e:
-      print(f"no plot ({e}); run python -m benchmarks.plot {stem}.json")
+    write(stem, dict(
+        op=op, card=card, jax=jax.__version__, timer=bench.timer(),
+        iterations=args.iterations, interpret=args.interpret,
+        bytes_moved=bench.BYTES_MOVED[op],
+        implementations=bench.implementations_of(rows),
+        # The first implementation's summary, as older records had it.
+        summary=per_impl[args.implementations[0]],
+        summaries=per_impl, rows=rows))
     print(f"wrote {stem}.{{json,csv,png}}")
   return 0 if ok else 1
 

@@ -7,6 +7,7 @@ compute-sanitizer (memcheck, racecheck). Exit status 1 on a wrong result.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import jax
@@ -27,16 +28,22 @@ SHAPES = [(13, 896, "bfloat16"), (13, 5120, "float32"), (13, 5120, "float16"),
 def check(m: int, n: int, dtype: str, interpret: bool = False) -> bool:
   worst = bench.check_all_ops((m, n), dtype, interpret=interpret)
   print(f"{dtype:9s} {m:3d} x {n:<8d} forward, add+norm, both backwards: "
-        f"{'ok' if worst <= 0 else 'FAILED'} ({worst:.2e})", flush=True)
-  return worst <= 0
+        f"{'ok' if worst.excess <= 0 else 'FAILED'} (worst error / bound "
+        f"{worst.ratio:.2f})", flush=True)
+  return worst.excess <= 0
 
 
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  interpret = "--interpret" in argv  # A CPU dry run, small shapes only.
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.sanitize_kernels", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--interpret", action="store_true",
+                      help="a CPU dry run: Pallas interpret mode, the first "
+                      "two shapes only")
+  args = parser.parse_args(argv)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-  shapes = SHAPES[:2] if interpret else SHAPES
-  ok = all([check(*shape, interpret=interpret) for shape in shapes])
+  shapes = SHAPES[:2] if args.interpret else SHAPES
+  ok = all([check(*shape, interpret=args.interpret) for shape in shapes])
   return 0 if ok else 1
 
 

@@ -30,36 +30,38 @@ CHECK_SHAPES = [((1, 1), "float32"), ((5, 7), "bfloat16"),
 def self_check(interpret: bool) -> bool:
   ok = True
   for shape, dtype in CHECK_SHAPES:
-    excess = bench.check_all_ops(shape, dtype, interpret=interpret)
-    ok &= excess <= 0
+    worst = bench.check_all_ops(shape, dtype, interpret=interpret)
+    ok &= worst.excess <= 0
     print(f"  {dtype:9s} {str(shape):12s} "
-          f"{'ok' if excess <= 0 else 'FAILED'} (forward, add+norm, both "
-          f"backwards; "
-          f"worst excess over the bounds {excess:.2e})")
+          f"{'ok' if worst.excess <= 0 else 'FAILED'}: worst error / bound = "
+          f"{worst.ratio:.2f} (forward, add+norm, both backwards)")
   return ok
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--iterations", type=int, default=20)
+  parser = argparse.ArgumentParser(
+      prog="python -m jax_rmsnorm", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--iterations", type=int, default=20,
+                      help="timed calls per measurement (median)")
   args = parser.parse_args(argv)
   gpu = platform.on_cuda_gpu()
   device = jax.devices()[0]
   print(f"jax {jax.__version__} on {device.platform}: {device.device_kind}")
   print("self-check against the float64 oracle "
-        f"({'compiled kernel' if gpu else 'Pallas interpret mode on CPU'}):")
+        f"({'compiled kernel' if gpu else 'Pallas interpret mode on CPU'}; "
+        "each element's error over its bound, <= 1 passes):")
   ok = self_check(interpret=not gpu)
   if gpu:
     for op in bench.OPS:
       rows = [bench.bench_op(op, m, n, d, iterations=args.iterations)
               for m, n, d in shapes.BENCHMARK_SHAPES]
-      print(f"\n{op}, CUPTI median of {args.iterations} "
-            f"({device.device_kind}):")
+      print(f"\n{op} ({bench.BYTES_MOVED[op]}), CUPTI median of "
+            f"{args.iterations} ({device.device_kind}):")
       print(bench.format_table(rows))
-      summary = bench.summarize(rows)
-      print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in summary.items()))
-      ok &= summary["all_numerics_ok"]
+      for impl, summary in bench.summaries(rows).items():
+        print(f"{impl}: {bench.format_summary(summary)}")
+        ok &= summary["all_numerics_ok"]
   else:
     print("\nNo NVIDIA GPU here: the kernel ran in interpret mode (correctness "
           "only).\nXLA's CPU reference, wall clock per call (dispatch "

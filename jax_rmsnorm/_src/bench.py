@@ -1,8 +1,16 @@
-"""Timing and byte counts for the benchmark CLI and the self-check."""
+"""Timing, byte counts and numerics for the benchmark CLI and the self-check.
+
+A benchmark row (`bench_op`) is flat and self-describing: the op, shape,
+dtypes, the bytes counted and what they are, the timer, the copy ceiling and
+which copy set it, then for XLA and each implementation asked for: time,
+GB/s, % of the copy bandwidth, time(XLA) / time(it), and its worst error /
+bound against the float64 oracle (`testing`; <= 1 passes).
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import statistics
 import time
@@ -10,12 +18,27 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jax_rmsnorm._src import api
 from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import shapes
 from jax_rmsnorm._src import testing
+
+logger = logging.getLogger("jax_rmsnorm")
+
+OPS = ("forward", "backward", "add", "step")
+
+# What each op's byte count holds: the fewest bytes it can move, each array
+# read or written once.
+BYTES_MOVED = {
+    "forward": "read x, scale; write y",
+    "backward": "read x, dy, scale; write dx, d(scale)",
+    "add": "read x, residual, scale; write y, h",
+    "step": "read x, dy, scale; write y, dx, d(scale)",
+}
 
 
 def measure_us(fn, *args, iterations: int = 20) -> float:
@@ -38,6 +61,13 @@ def measure_us(fn, *args, iterations: int = 20) -> float:
   return 1e6 * statistics.median(times)
 
 
+def timer() -> str:
+  """What `measure_us` measures here."""
+  if platform.on_cuda_gpu():
+    return "CUPTI kernel time"
+  return "wall clock (dispatch included)"
+
+
 def forward_bytes(m: int, n: int, dtype, scale_dtype) -> int:
   """Fewest bytes a forward moves: read x and scale once, write y once."""
   return (2 * m * n * np.dtype(dtype).itemsize
@@ -57,13 +87,103 @@ def add_bytes(m: int, n: int, dtype, scale_dtype) -> int:
           + n * np.dtype(scale_dtype).itemsize)
 
 
-OPS = ("forward", "backward", "add")
+def step_bytes(m: int, n: int, dtype, scale_dtype) -> int:
+  """Fewest bytes a forward and backward in one jit move: read x and dy,
+  write y and dx; read the scale, write d(scale). (rstd stays on chip in
+  the fewest-bytes ideal; the kernels write and read m float32s.)"""
+  return (4 * m * n * np.dtype(dtype).itemsize
+          + 2 * n * np.dtype(scale_dtype).itemsize)
 
 
-def _vjp_fn(implementation):
+OP_BYTES = {"forward": forward_bytes, "backward": backward_bytes,
+            "add": add_bytes, "step": step_bytes}
+
+
+# The copy ceiling --------------------------------------------------------
+
+COPY_KERNEL_NAME = "jax_rmsnorm_copy"
+# (elements a program copies, warps): a power of two each (Triton's rule).
+COPY_CONFIGS = ((4096, 4), (8192, 8), (16384, 16))
+
+
+def _copy_kernel(x_ref, o_ref, *, total: int, block: int):
+  """Copies one block of the flat array; masked where the last block
+  passes the end."""
+  if total % block == 0:
+    plgpu.store(o_ref, plgpu.load(x_ref))
+    return
+  offsets = pl.program_id(0) * block + jax.lax.iota(jnp.int32, block)
+  mask = offsets < total
+  plgpu.store(o_ref, plgpu.load(x_ref, mask=mask, other=0.0), mask=mask)
+
+
+def pallas_copy(x: jax.Array, *, block: int = 8192, num_warps: int = 8,
+                num_stages: int = 1, interpret: bool = False) -> jax.Array:
+  """A device-to-device copy of `x` by a Pallas kernel (Triton backend):
+  `block` elements a program (a power of two) over x as a flat array, read
+  once and written once. The copy ceiling's second candidate, beside XLA's
+  `x * 2`."""
+  total = x.size
+  block = min(block, pl.next_power_of_2(max(total, 1)))
+  spec = pl.BlockSpec((block,), lambda i: (i,))
+  out = pl.pallas_call(
+      functools.partial(_copy_kernel, total=total, block=block),
+      out_shape=jax.ShapeDtypeStruct((total,), x.dtype),
+      grid=(pl.cdiv(total, block),),
+      in_specs=[spec],
+      out_specs=spec,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps,
+                                           num_stages=num_stages),
+      interpret=interpret,
+      name=COPY_KERNEL_NAME,
+  )(x.reshape(total))
+  return out.reshape(x.shape)
+
+
+@functools.cache
+def copy_ceiling(m: int, n: int, dtype: str, iterations: int = 20,
+                 interpret: bool = False) -> dict:
+  """The practical bandwidth ceiling at this shape: the faster of XLA's
+  `x * 2` and the Pallas copy (`pallas_copy`, the fastest of
+  COPY_CONFIGS), each reading and writing m * n elements of `dtype`.
+
+  Returns xla_copy_us, pallas_copy_us (None if no configuration ran and
+  copied exactly), pallas_copy_config, copy_us (the faster), copy_is (which
+  one) and copy_gbps. Cached per shape, so that every op of a run divides by
+  the same ceiling.
+  """
+  x = jax.random.normal(jax.random.key(m * 131 + n), (m, n),
+                        jnp.float32).astype(dtype)
+  xla_us = measure_us(jax.jit(lambda a: a * 2), x, iterations=iterations)
+  best, best_config = None, None
+  for block, warps in COPY_CONFIGS:
+    fn = jax.jit(functools.partial(pallas_copy, block=block,
+                                   num_warps=warps, interpret=interpret))
+    try:
+      if not bool(jnp.array_equal(fn(x), x)):
+        raise ValueError("the copy differs from its input")
+      us = measure_us(fn, x, iterations=iterations)
+    except Exception as e:  # pylint: disable=broad-except
+      # The ceiling falls back to XLA's copy; the row says so.
+      logger.warning("pallas copy (block %d, %d warps) at %dx%d %s failed: "
+                     "%s", block, warps, m, n, dtype, str(e)[:300])
+      continue
+    if best is None or us < best:
+      best, best_config = us, f"block {block}, {warps} warps"
+  pallas_faster = best is not None and best < xla_us
+  copy_us = best if pallas_faster else xla_us
+  return dict(xla_copy_us=xla_us, pallas_copy_us=best,
+              pallas_copy_config=best_config, copy_us=copy_us,
+              copy_is="pallas copy" if pallas_faster else "xla x * 2",
+              copy_gbps=2 * x.nbytes / copy_us / 1e3)
+
+
+# The ops -----------------------------------------------------------------
+
+def _vjp_fn(kwargs):
   """(x, scale) -> the vjp function of rms_norm, holding its residuals."""
   def run(x, scale):
-    fwd = functools.partial(api.rms_norm, implementation=implementation)
+    fwd = functools.partial(api.rms_norm, **kwargs)
     return jax.vjp(fwd, x, scale)[1]
   return run
 
@@ -75,102 +195,150 @@ def xla_backward(x, scale, dy):
   return jax.vjp(api.rms_norm_reference, x, scale)[1](dy)
 
 
-def bench_op(op: str, m: int, n: int, dtype: str, *,
-             implementations=("triton",), iterations: int = 20) -> dict:
-  """Checks and times one op on one shape beside XLA and copy, same card.
+def step_fn(**kwargs):
+  """y, dx and d(scale) of rms_norm(x, scale, **kwargs) from one function
+  (jit it): the forward and backward of a training step."""
+  def step(x, scale, dy):
+    y, pull = jax.vjp(
+        lambda x, s: api.rms_norm(x, s, **kwargs), x, scale)
+    return (y, *pull(dy))
+  return step
 
-  op: "forward" (rms_norm), "backward" (dx and d(scale) of rms_norm, without
-  the forward) or "add" (add_rms_norm; XLA runs the unfused add then norm).
-  Returns one flat row: times in us, GB/s from the op's fewest bytes, % of
-  the measured copy bandwidth at this shape, time(xla) / time(impl) (> 1:
-  faster than XLA) and the worst excess over the error bound (<= 0: pass).
+
+def _implementations(implementations) -> tuple[str, ...]:
+  """XLA first (the baseline), then the others, once each."""
+  names = ["xla"]
+  for name in implementations:
+    if name not in names:
+      names.append(name)
+  return tuple(names)
+
+
+def bench_op(op: str, m: int, n: int, dtype: str, *,
+             implementations=("triton",), iterations: int = 20,
+             interpret: bool = False) -> dict:
+  """Checks and times one op on one shape beside XLA and the copy ceiling,
+  same card, same run.
+
+  op: "forward" (rms_norm), "backward" (dx and d(scale) of rms_norm from
+  the residuals its forward saved, against XLA's autodiff of the reference,
+  forward included), "add" (add_rms_norm; XLA runs the unfused add then
+  norm) or "step" (y, dx and d(scale) from one jit: the forward and its
+  vjp, against the same with implementation="xla").
+  implementations: the kernel families to run beside XLA, which always runs
+  as the baseline. interpret: run the kernels in Pallas interpret mode (a
+  CPU dry run of these code paths; its times mean nothing).
+
+  Returns one flat row (see the module docstring). Per implementation
+  `name` (xla included): name_us, name_gbps, name_pct_copy,
+  name_error_over_bound, name_ok; and, but for XLA, name_xla_ratio
+  (time(xla) / time(name): > 1 is faster than XLA).
   """
   x, scale = testing.random_inputs(m * 131 + n, (m, n), dtype)
   other, _ = testing.random_inputs(m * 131 + n + 1, (m, n), dtype)
-  nbytes = {"forward": forward_bytes, "backward": backward_bytes,
-            "add": add_bytes}[op](m, n, dtype, scale.dtype)
-  copy_us = measure_us(jax.jit(lambda a: a * 2), x, iterations=iterations)
-  row = dict(op=op, m=m, n=n, dtype=dtype, bytes=nbytes, copy_us=copy_us,
-             copy_gbps=2 * x.nbytes / copy_us / 1e3)
+  names = _implementations(implementations)
+  nbytes = OP_BYTES[op](m, n, dtype, scale.dtype)
+  row = dict(op=op, m=m, n=n, dtype=dtype, scale_dtype=str(scale.dtype),
+             bytes=nbytes, bytes_moved=BYTES_MOVED[op], timer=timer(),
+             implementations=" ".join(names))
+  row.update(copy_ceiling(m, n, dtype, iterations, interpret))
+
+  def kwargs(name):
+    if name == "xla":
+      return dict(implementation="xla")
+    return dict(implementation=name, interpret=interpret)
 
   if op == "forward":
     ref = testing.oracle(x, scale)
     def make(name):
-      fn = jax.jit(functools.partial(api.rms_norm, implementation=name))
-      return fn, (x, scale), lambda y: testing.worst_excess(y, ref, dtype, n)[0]
+      fn = jax.jit(functools.partial(api.rms_norm, **kwargs(name)))
+      return fn, (x, scale), lambda y: testing.worst_excess(y, ref, dtype, n)
   elif op == "add":
-    h64 = np.asarray(x, np.float64) + np.asarray(other, np.float64)
+    h64 = testing.as_float64(x) + testing.as_float64(other)
     h_ref = np.asarray(reference.residual_add(x, other))
     ref = testing.oracle(h_ref, scale)
+    def check(out):
+      y, h = out
+      # h: the float32 sum rounded once: bit for bit the reference's, and
+      # within its bound of the exact sum.
+      exact = testing.Worst(-np.inf if np.array_equal(np.asarray(h), h_ref)
+                            else np.inf, ("h",))
+      return testing.worst_of(testing.worst_excess(y, ref, dtype, n),
+                              testing.worst_excess(h, h64, dtype, 1), exact)
     def make(name):
-      fn = jax.jit(functools.partial(api.add_rms_norm, implementation=name))
-      def excess(out):
-        y, h = out
-        # h: the f32 add rounded once, exactly; and within half an ulp of
-        # the exact sum.
-        h_err = testing.worst_excess(h, h64, dtype, 1)[0]
-        exact = np.array_equal(np.asarray(h), h_ref)
-        return max(testing.worst_excess(y, ref, dtype, n)[0], h_err,
-                   0.0 if exact else np.inf)
-      return fn, (x, other, scale), excess
-  else:
+      fn = jax.jit(functools.partial(api.add_rms_norm, **kwargs(name)))
+      return fn, (x, other, scale), check
+  elif op == "backward":
     dy = other
-    ref = testing.oracle_grad(x, scale, dy)
-    tols = (testing.grad_tolerance(dtype, n),
-            testing.scale_grad_tolerance(scale.dtype, m, n))
-    def excess(out):
-      errs = (testing.relative_error(out[0], ref.dx, ref.dx_size),
-              testing.relative_error(out[1], ref.dscale, ref.dscale_size))
-      return max(e - t for e, t in zip(errs, tols))
+    grads = testing.oracle_grad(x, scale, dy)
+    def check(out):
+      return testing.grads_excess(out[0], out[1], grads, dtype, scale.dtype)
     def make(name):
       if name == "xla":
-        return jax.jit(xla_backward), (x, scale, dy), excess
+        return jax.jit(xla_backward), (x, scale, dy), check
       # Ours: the backward pass alone, from the residuals its forward saved
       # (x and a float32 rstd per row), as it runs in a training step.
-      vjp = jax.jit(_vjp_fn(name))(x, scale)
-      return jax.jit(lambda f, g: f(g)), (vjp, dy), excess
+      vjp = jax.jit(_vjp_fn(kwargs(name)))(x, scale)
+      return jax.jit(lambda f, g: f(g)), (vjp, dy), check
+  elif op == "step":
+    dy = other
+    ref = testing.oracle(x, scale)
+    grads = testing.oracle_grad(x, scale, dy)
+    def check(out):
+      y, dx, dscale = out
+      return testing.worst_of(
+          testing.worst_excess(y, ref, dtype, n),
+          testing.grads_excess(dx, dscale, grads, dtype, scale.dtype))
+    def make(name):
+      return jax.jit(step_fn(**kwargs(name))), (x, scale, dy), check
+  else:
+    raise ValueError(f"unknown {op=}; choose from {OPS}")
 
-  xla_fn, xla_args, _ = make("xla")
-  row["xla_us"] = xla_us = measure_us(xla_fn, *xla_args,
-                                      iterations=iterations)
-  row["xla_gbps"] = nbytes / xla_us / 1e3
-  for name in implementations:
-    fn, args, excess_of = make(name)
-    worst = excess_of(fn(*args))
+  for name in names:
+    fn, args, check_of = make(name)
+    worst = check_of(fn(*args))
     us = measure_us(fn, *args, iterations=iterations)
     gbps = nbytes / us / 1e3
     row.update({f"{name}_us": us, f"{name}_gbps": gbps,
-                f"{name}_pct_copy": 100 * gbps / row["copy_gbps"],
-                f"{name}_xla_ratio": xla_us / us,
-                f"{name}_max_excess": worst, f"{name}_ok": worst <= 0})
+                f"{name}_pct_copy": 100 * gbps / row["copy_gbps"]})
+    if name != "xla":
+      row[f"{name}_xla_ratio"] = row["xla_us"] / us
+    row.update({f"{name}_error_over_bound": worst.ratio,
+                f"{name}_ok": bool(worst.excess <= 0)})
   return row
 
 
-def check_all_ops(shape, dtype: str, *, interpret: bool = False) -> float:
-  """Worst excess over the error bounds (<= 0: every check passed) of the
-  Pallas kernels at one shape: rms_norm; add_rms_norm's y and h; gradients
-  of rms_norm (dx, dscale) and of add_rms_norm with an upstream dh (dx,
-  dresidual, dscale). For the main job's self-check and the sanitizer run."""
+def implementations_of(rows: list[dict]) -> list[str]:
+  """The implementations timed beside XLA in benchmark rows (new rows name
+  them; older records have <name>_xla_ratio columns)."""
+  if rows and "implementations" in rows[0]:
+    return [name for name in rows[0]["implementations"].split()
+            if name != "xla"]
+  return [key[:-len("_xla_ratio")] for key in (rows[0] if rows else {})
+          if key.endswith("_xla_ratio")]
+
+
+# The self-check ----------------------------------------------------------
+
+def check_all_ops(shape, dtype: str, *,
+                  interpret: bool = False) -> testing.Worst:
+  """The worst error over its bound (`testing.Worst`: excess <= 0, i.e.
+  ratio <= 1, passes) of the Pallas kernels at one shape: rms_norm;
+  add_rms_norm's y and h; gradients of rms_norm (dx, dscale) and of
+  add_rms_norm with an upstream dh (dx, dresidual, dscale). For the main
+  job's self-check and the sanitizer run."""
   n = shape[-1]
-  rows = math.prod(shape) // n
   kernel = dict(implementation="triton", interpret=interpret)
   x, scale = testing.random_inputs(len(shape) * n, shape, dtype, "float32")
   other, _ = testing.random_inputs(len(shape) * n + 1, shape, dtype)
   y = jax.jit(functools.partial(api.rms_norm, **kernel))(x, scale)
-  worst = testing.worst_excess(y, testing.oracle(x, scale), dtype, n)[0]
+  worst = [testing.worst_excess(y, testing.oracle(x, scale), dtype, n)]
   y, h = jax.jit(functools.partial(api.add_rms_norm, **kernel))(
       x, other, scale)
-  worst = max(worst, testing.worst_excess(y, testing.oracle(h, scale), dtype,
-                                          n)[0])
+  worst.append(testing.worst_excess(y, testing.oracle(h, scale), dtype, n))
   if not np.array_equal(np.asarray(h), np.asarray(
       reference.residual_add(x, other))):
-    return np.inf
-
-  def grad_excess(got_dx, dscale, ref):
-    return max(testing.relative_error(got_dx, ref.dx, ref.dx_size)
-               - testing.grad_tolerance(dtype, n),
-               testing.relative_error(dscale, ref.dscale, ref.dscale_size)
-               - testing.scale_grad_tolerance("float32", rows, n))
+    worst.append(testing.Worst(np.inf, ("h",)))
 
   # Gradients: rows past the backward kernel's limit take the reference's
   # gradient (the forward above is the kernel's, strictly).
@@ -181,8 +349,8 @@ def check_all_ops(shape, dtype: str, *, interpret: bool = False) -> float:
     return jnp.sum(y.astype(jnp.float32) * other.astype(jnp.float32))
 
   dx, dscale = jax.jit(jax.grad(norm_loss, argnums=(0, 1)))(x, scale)
-  worst = max(worst, grad_excess(dx, dscale,
-                                 testing.oracle_grad(x, scale, other)))
+  worst.append(testing.grads_excess(
+      dx, dscale, testing.oracle_grad(x, scale, other), dtype, "float32"))
 
   def add_loss(x, r, s):
     y, h = api.add_rms_norm(x, r, s, **grad_kernel)
@@ -192,33 +360,59 @@ def check_all_ops(shape, dtype: str, *, interpret: bool = False) -> float:
   dx, dres, dscale = jax.jit(jax.grad(add_loss, argnums=(0, 1, 2)))(
       x, other, scale)
   ref = testing.oracle_grad(h, scale, other, dh=np.ones(shape))
-  return max(worst, grad_excess(dx, dscale, ref),
-             grad_excess(dres, dscale, ref))
+  worst.append(testing.grads_excess(dx, dscale, ref, dtype, "float32"))
+  worst.append(testing.dx_excess(dres, ref, dtype))
+  return testing.worst_of(*worst)
 
+
+# Summaries and tables ----------------------------------------------------
 
 def summarize(rows: list[dict], impl: str = "triton") -> dict:
-  """The issue's bars: worst slowdown, geometric mean, copy % of large."""
+  """The issue's bars for one implementation: worst slowdown, geometric
+  mean, copy % of the large shapes, numerics."""
   ratios = [r[f"{impl}_xla_ratio"] for r in rows]
-  large = [r[f"{impl}_pct_copy"] for r in rows
-           if r["m"] * r["n"] >= shapes.LARGE_ELEMENTS]
-  large_ratios = [r[f"{impl}_xla_ratio"] for r in rows
-                  if r["m"] * r["n"] >= shapes.LARGE_ELEMENTS]
+  large = [r for r in rows if r["m"] * r["n"] >= shapes.LARGE_ELEMENTS]
   return dict(
       geomean_xla_over_impl=math.exp(sum(map(math.log, ratios)) / len(ratios)),
       worst_impl_over_xla=max(1 / q for q in ratios),
-      min_xla_over_impl_large=min(large_ratios) if large_ratios else None,
-      min_pct_copy_large=min(large) if large else None,
+      min_xla_over_impl_large=(min(r[f"{impl}_xla_ratio"] for r in large)
+                               if large else None),
+      min_pct_copy_large=(min(r[f"{impl}_pct_copy"] for r in large)
+                          if large else None),
+      worst_error_over_bound=max(r[f"{impl}_error_over_bound"] for r in rows),
       all_numerics_ok=all(r[f"{impl}_ok"] for r in rows))
 
 
-def format_table(rows: list[dict], impl: str = "triton") -> str:
-  lines = [f"{'dtype':9s} {'M x N':>13s} {'copy us':>8s} {'xla us':>8s} "
-           f"{impl + ' us':>10s} {'GB/s':>6s} {'%copy':>6s} {'xla/' + impl:>11s}"
-           " ok"]
+def summaries(rows: list[dict]) -> dict:
+  """summarize() of every implementation in the rows, by name."""
+  return {impl: summarize(rows, impl) for impl in implementations_of(rows)}
+
+
+def format_summary(summary: dict) -> str:
+  return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in summary.items())
+
+
+def format_table(rows: list[dict], impls=None) -> str:
+  """A text table: copy ceiling, XLA, then each implementation's time,
+  GB/s, % of copy, XLA / it and worst error / bound (<= 1 passes)."""
+  impls = implementations_of(rows) if impls is None else list(impls)
+  if isinstance(impls, str):
+    impls = [impls]
+  head = (f"{'dtype':9s} {'M x N':>13s} {'copy us':>8s} {'xla us':>8s} "
+          f"{'err/bd':>6s}")
+  for impl in impls:
+    head += (f" | {impl + ' us':>10s} {'GB/s':>6s} {'%copy':>6s} "
+             f"{'xla/' + impl:>11s} {'err/bd':>6s} ok")
+  lines = [head]
   for r in rows:
-    lines.append(
-        f"{r['dtype']:9s} {r['m']:>6d}x{r['n']:<6d} {r['copy_us']:8.1f} "
-        f"{r['xla_us']:8.1f} {r[impl + '_us']:10.1f} {r[impl + '_gbps']:6.0f} "
-        f"{r[impl + '_pct_copy']:6.1f} {r[impl + '_xla_ratio']:11.3f} "
-        f"{'yes' if r[impl + '_ok'] else 'NO'}")
+    xla_error = r.get("xla_error_over_bound", math.nan)
+    line = (f"{r['dtype']:9s} {r['m']:>6d}x{r['n']:<6d} {r['copy_us']:8.1f} "
+            f"{r['xla_us']:8.1f} {xla_error:6.2f}")
+    for impl in impls:
+      line += (f" | {r[impl + '_us']:10.1f} {r[impl + '_gbps']:6.0f} "
+               f"{r[impl + '_pct_copy']:6.1f} {r[impl + '_xla_ratio']:11.3f} "
+               f"{r[impl + '_error_over_bound']:6.2f} "
+               f"{'yes' if r[impl + '_ok'] else 'NO'}")
+    lines.append(line)
   return "\n".join(lines)

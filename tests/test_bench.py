@@ -1,0 +1,91 @@
+"""The benchmark's code paths on a CPU: the Pallas copy of the copy ceiling
+(interpret mode, and its CUDA lowering), every op of bench_op with the
+kernels interpreted, and the CLI's dry run through report and plot. Times
+here mean nothing; what is tested is that the GPU run will not stop on a
+bug."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import benchmark_rmsnorm
+from benchmarks import report
+from jax_rmsnorm._src import bench
+from tests import test_lowering
+from tests.conftest import ON_GPU
+
+
+@pytest.mark.parametrize("shape,dtype,block", [
+    ((1, 7), "float32", 4096),         # one partial block
+    ((3, 896), "bfloat16", 1024),      # 3 blocks, the last partial
+    ((4, 4096), "float16", 8192),      # exact blocks
+    ((2, 3, 100), "bfloat16", 16),     # leading axes, 38 blocks
+], ids=str)
+def test_pallas_copy_copies(shape, dtype, block):
+  x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
+  y = jax.jit(functools.partial(bench.pallas_copy, block=block, num_warps=4,
+                                interpret=True))(x)
+  assert y.dtype == x.dtype and y.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+@pytest.mark.parametrize("block,warps", bench.COPY_CONFIGS)
+@pytest.mark.parametrize("shape", [(65536, 896), (3, 1000)], ids=str)
+def test_pallas_copy_lowers_for_cuda(shape, block, warps, monkeypatch):
+  """The Triton lowering's own rules (power-of-two blocks), on a CPU."""
+  monkeypatch.setattr(bench.platform, "on_cuda_gpu", lambda: True)
+  x = jnp.zeros(shape, jnp.bfloat16)
+  fn = functools.partial(bench.pallas_copy, block=block, num_warps=warps)
+  calls = test_lowering._kernel_calls(test_lowering.export_for_cuda(fn, x))
+  assert len(calls) == 1 and bench.COPY_KERNEL_NAME in calls[0], calls
+
+
+@pytest.mark.skipif(ON_GPU, reason="the dry run is for CPU machines")
+@pytest.mark.parametrize("op", bench.OPS)
+def test_bench_op_runs_every_op_in_interpret_mode(op):
+  row = bench.bench_op(op, 5, 256, "bfloat16", iterations=1, interpret=True)
+  assert row["op"] == op and row["implementations"] == "xla triton"
+  assert row["bytes"] == bench.OP_BYTES[op](5, 256, "bfloat16", "bfloat16")
+  assert row["copy_us"] == min(
+      t for t in (row["xla_copy_us"], row["pallas_copy_us"]) if t)
+  for name in ("xla", "triton"):
+    assert row[f"{name}_ok"], (name, row[f"{name}_error_over_bound"])
+    assert 0 <= row[f"{name}_error_over_bound"] <= 1
+  assert "triton_xla_ratio" in row and "xla_xla_ratio" not in row
+  assert "triton" in bench.format_table([row])
+  assert bench.summaries([row])["triton"]["all_numerics_ok"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the dry run is for CPU machines")
+def test_benchmark_cli_dry_run_writes_records_report_reads(tmp_path, capsys):
+  status = benchmark_rmsnorm.main([
+      "--interpret", "--max-elements", "4096", "--dtypes", "bfloat16",
+      "--iterations", "1", "--out", str(tmp_path)])
+  assert status == 0
+  records = sorted(tmp_path.glob("*.json"))
+  assert [p.name.split("_")[0] for p in records] == sorted(bench.OPS)
+  for path in records:
+    data = json.loads(path.read_text())
+    assert data["implementations"] == ["triton"]
+    assert data["summaries"]["triton"]["all_numerics_ok"]
+    assert path.with_suffix(".csv").exists()
+  capsys.readouterr()
+  assert report.main([str(p) for p in records]) == 0
+  text = capsys.readouterr().out
+  assert text.count("| bfloat16 | 1 x 4096 |") == len(bench.OPS)
+  assert "Pallas Triton us" in text and "error / bound" in text
+
+
+def test_report_reads_the_recorded_h100_results(capsys):
+  """Older records: one flat summary, no implementations list."""
+  results = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
+  assert report.main(
+      [str(results / "backward_NVIDIA_H100_80GB_HBM3.json")]) == 0
+  assert "| bfloat16 | 32768 x 4096 |" in capsys.readouterr().out
