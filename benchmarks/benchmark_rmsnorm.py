@@ -4,7 +4,9 @@ For every (M, N, dtype) of the shared shape list and every op (forward:
 rms_norm; backward: its dx and d(scale), from the saved residuals, against
 XLA's autodiff of the reference; add: add_rms_norm against XLA's unfused
 add then normalize; step: y, dx and d(scale) from one jit, against the same
-with XLA): CUPTI median kernel time of each implementation asked for, XLA's,
+with XLA; quant, quant-static, quant-residual, quant-static-residual:
+rms_norm_quantized to float8_e4m3fn, against XLA's fusion of the
+reference): CUPTI median kernel time of each implementation asked for, XLA's,
 and the copy ceiling (the faster of XLA's x * 2 and a Pallas copy kernel),
 all in the same run on the same card; GB/s from an explicit byte count, % of
 the copy bandwidth, time(XLA) / time(implementation), and each output's
@@ -15,6 +17,8 @@ worst error / bound against the float64 oracle (<= 1 passes).
   python -m benchmarks.benchmark_rmsnorm --implementations triton mosaic
 
 Writes <out>/<op>_<card>.{json,csv,png}; exit status 1 if a check fails.
+`python -m benchmarks.speed_table <out>/*_<card>.json` then writes the
+automatic choice's table for this GPU generation into the package.
 """
 
 from __future__ import annotations
@@ -102,9 +106,14 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   ok = True
   for op in args.ops:
+    impls = [i for i in args.implementations
+             if not op.startswith("quant") or i in bench.QUANT_IMPLEMENTATIONS]
+    if not impls:
+      print(f"benchmark_rmsnorm: {op}: none of {args.implementations} has "
+            "a kernel for it; skipped", file=sys.stderr)
+      continue
     try:
-      rows = [bench.bench_op(op, m, n, dtype,
-                             implementations=args.implementations,
+      rows = [bench.bench_op(op, m, n, dtype, implementations=impls,
                              iterations=args.iterations,
                              interpret=args.interpret)
               for m, n, dtype in _progress(todo, desc=f"{op} on {card}")]
@@ -121,12 +130,13 @@ def main(argv=None) -> int:
     stem = os.path.join(args.out,
                         f"{op}_" + re.sub(r"\W+", "_", card).strip("_"))
     write(stem, dict(
-        op=op, card=card, jax=jax.__version__, timer=bench.timer(),
+        op=op, card=card, generation=platform.generation(),
+        jax=jax.__version__, timer=bench.timer(),
         iterations=args.iterations, interpret=args.interpret,
         bytes_moved=bench.BYTES_MOVED[op],
         implementations=bench.implementations_of(rows),
         # The first implementation's summary, as older records had it.
-        summary=per_impl[args.implementations[0]],
+        summary=per_impl[impls[0]],
         summaries=per_impl, rows=rows))
     print(f"wrote {stem}.{{json,csv,png}}")
   return 0 if ok else 1

@@ -11,6 +11,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_rmsnorm._src import speed_table
 from tests.conftest import assert_close, oracle, random_inputs, requires_gpu
@@ -109,3 +110,52 @@ def test_inputs_on_the_host_cpu_of_a_gpu_machine():
   dx = jax.jit(jax.grad(lambda x: jnp.sum(jax_rmsnorm.rms_norm(
       x, scale).astype(jnp.float32))))(x)
   assert dx.devices() == {cpu}
+
+
+def test_table_choice_of_xla_for_the_step_keeps_the_forward_kernel(
+    monkeypatch):
+  """Forward kernel, XLA's training step: without a gradient the kernel
+  runs; under one, XLA's autodiff of the reference alone (no kernel, and the
+  values of the reference's gradient)."""
+  import jax_rmsnorm
+  monkeypatch.setattr(speed_table, "choose",
+                      lambda op, *a: "xla" if op == "backward" else "triton")
+  x, scale = random_inputs(3, (4, 256), "float32")
+
+  def loss(x, s):
+    return jnp.sum(jax_rmsnorm.rms_norm(x, s) ** 2)
+
+  assert "jax_rmsnorm_per_platform" in str(jax.make_jaxpr(
+      lambda x, s: jax_rmsnorm.rms_norm(x, s))(x, scale))
+  assert "jax_rmsnorm_per_platform" not in str(jax.make_jaxpr(
+      jax.grad(loss, argnums=(0, 1)))(x, scale))
+  got = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale)
+  want = jax.jit(jax.grad(lambda x, s: jnp.sum(jax_rmsnorm.rms_norm(
+      x, s, implementation="xla") ** 2), argnums=(0, 1)))(x, scale)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_speed_table_writer_never_picks_a_kernel_slower_than_xla():
+  """benchmarks.speed_table: per class, the kernel with the best geometric
+  mean among those never slower than XLA (and numerically right), else
+  XLA; the backward from the step records."""
+  from benchmarks import speed_table as writer
+
+  def row(m, n, xla, triton, mosaic, ok=True):
+    return dict(m=m, n=n, dtype="bfloat16", xla_us=xla, triton_us=triton,
+                mosaic_us=mosaic, triton_ok=ok, mosaic_ok=True,
+                implementations="xla triton mosaic")
+
+  records = [
+      dict(op="forward", rows=[row(32768, 4096, 100, 95, 90),
+                               row(16384, 8192, 100, 96, 101),   # mosaic
+                               row(4096, 4099, 50, 55, 60),      # slower
+                               row(1, 4096, 2.0, 1.8, 1.9, ok=False)]),
+      dict(op="step", rows=[row(32768, 4096, 300, 200, 250)]),
+  ]
+  made = writer.table_of(records)["ops"]
+  assert made["forward"]["bfloat16/large/aligned"] == "triton"
+  assert made["forward"]["bfloat16/large/unaligned"] == "xla"
+  assert made["forward"]["bfloat16/decode/aligned"] == "mosaic"
+  assert made["backward"] == {"bfloat16/large/aligned": "triton"}

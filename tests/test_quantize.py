@@ -88,82 +88,26 @@ def oracle_y(x, residual, scale, epsilon=EPS, scale_offset=0.0,
   return xhat * (scale_offset + _f64(scale)) if scale is not None else xhat
 
 
-def oracle_scales(y: np.ndarray, quant_dtype) -> np.ndarray:
-  """Per-row dynamic scales in float64, with the spec's floor."""
-  top = quantize.qmax(quant_dtype)
-  amax = np.max(np.abs(y), axis=-1, keepdims=True)
-  return np.maximum(amax, top * quantize.MIN_SCALE) / top
-
-
-def half_step(v: np.ndarray, quant_dtype) -> np.ndarray:
-  """Half the spacing of `quant_dtype` at magnitude |v|: the largest error of
-  a correct round-to-nearest. fp8: spacing 2**(e - nmant) in v's binade
-  (e >= the smallest normal's exponent: subnormals are evenly spaced);
-  int8: 1."""
-  if jnp.dtype(quant_dtype) == jnp.int8:
-    return np.full_like(v, 0.5)
-  info = ml_dtypes.finfo(quant_dtype)
-  e = np.floor(np.log2(np.maximum(np.abs(v), float(info.tiny))))
-  return 0.5 * np.exp2(e - info.nmant)
-
-
-def relative_error_bound(n: int, cast_order="float32", norm_dtype=None
-                         ) -> float:
-  """Relative error of the float32 y * (1/s) against float64's y / s.
-
-  y in float32 is off by `testing.tolerance(float32, n)` (the sum of n
-  squares, rsqrt, two products); the reciprocal and the product add two
-  roundings of 2**-24: twice that tolerance covers both. The Hugging Face
-  order rounds xhat to the input dtype, where float32's error can tip the
-  rounding by one ulp of that dtype: eps of it more.
-  """
-  rel = 2 * testing.tolerance("float32", n)
-  if cast_order == "hf":
-    rel += float(jnp.finfo(norm_dtype).eps)
-  return rel
+half_step = testing.half_step
+relative_error_bound = testing.quantized_relative_error
 
 
 def assert_quantized_close(y_q, s, y64: np.ndarray, quant_dtype, rel: float,
                            ) -> None:
-  """y_q * s within half a quantization step of y64 (plus float32 error).
-
-  With v = y64 / s (float64, s the scale the implementation used, so only
-  the quantization is judged here), a correctly rounded q of clip(v) is
-  within half_step(v) of it; float32's y * (1/s) is v (1 + d), |d| <= rel,
-  which moves the result by at most min(|v|, qmax) rel before rounding: q is
-  then one of v's two neighbours, the farther one only within rel of a tie.
-  Elements past qmax (beyond the error) must be exactly +-qmax.
-  """
-  top = quantize.qmax(quant_dtype)
-  q = _f64(y_q)
-  v = y64 / _f64(s)
-  clipped = np.clip(v, -top, top)
-  bound = half_step(clipped, quant_dtype) + np.minimum(np.abs(v), top) * rel
-  err = np.abs(q - clipped)
-  err[~np.isfinite(q)] = np.inf
-  excess = err - bound
-  worst = np.unravel_index(np.argmax(excess), excess.shape)
-  assert excess[worst] <= 0, (
-      f"{quant_dtype}: q={q[worst]!r} for v={v[worst]!r} (scale "
-      f"{np.broadcast_to(_f64(s), v.shape)[worst]!r}), error {err[worst]:.4g} "
-      f"> bound {bound[worst]:.4g} at {worst}")
-  saturated = np.abs(v) * (1 - rel) > top
-  np.testing.assert_array_equal(q[saturated], np.sign(v[saturated]) * top)
+  """y_q * s within half a quantization step of y64 (`testing.
+  quantized_excess`, which says why); saturated elements exactly +-qmax."""
+  worst = testing.quantized_excess(y_q, s, y64, quant_dtype, rel)
+  assert worst.excess <= 0, (
+      f"{quant_dtype}: error / bound {worst.ratio:.4g} at {worst.where}: "
+      f"q={_f64(y_q)[worst.where]!r}")
 
 
 def assert_scales_close(s, y64: np.ndarray, quant_dtype, n: int) -> None:
-  """Dynamic scales against the oracle's. amax is a max of float32 y, each
-  within testing.tolerance(float32, n) of float64's (a max moves no more
-  than its arguments), and the division by qmax adds half an ulp: the
-  tolerance (which counts a whole ulp) covers both."""
-  want = oracle_scales(y64, quant_dtype)
-  got = _f64(s)
-  assert got.shape == want.shape
-  bound = testing.tolerance("float32", n) * want
-  bad = ~(np.abs(got - want) <= bound)
-  assert not bad.any(), (
-      f"scales {got[bad][:4]} != oracle {want[bad][:4]} (relative bound "
-      f"{testing.tolerance('float32', n):.3g})")
+  """Dynamic scales against the oracle's (`testing.scales_excess`)."""
+  assert np.shape(s) == y64.shape[:-1] + (1,)
+  worst = testing.scales_excess(s, y64, quant_dtype, n)
+  assert worst.excess <= 0, (
+      f"scale error / bound {worst.ratio:.4g} at {worst.where}")
 
 
 def assert_top_code(y_q, quant_dtype) -> None:

@@ -29,7 +29,8 @@ from jax_rmsnorm._src import testing
 
 logger = logging.getLogger("jax_rmsnorm")
 
-OPS = ("forward", "backward", "add", "step")
+OPS = ("forward", "backward", "add", "step", "quant", "quant-static",
+       "quant-residual", "quant-static-residual")
 
 # What each op's byte count holds: the fewest bytes it can move, each array
 # read or written once.
@@ -38,6 +39,11 @@ BYTES_MOVED = {
     "backward": "read x, dy, scale; write dx, d(scale)",
     "add": "read x, residual, scale; write y, h",
     "step": "read x, dy, scale; write y, dx, d(scale)",
+    "quant": "read x, scale; write y_q (1 byte), row scales",
+    "quant-static": "read x, scale; write y_q (1 byte)",
+    "quant-residual": "read x, residual, scale; write y_q (1 byte), h, "
+                      "row scales",
+    "quant-static-residual": "read x, residual, scale; write y_q (1 byte), h",
 }
 
 
@@ -95,8 +101,28 @@ def step_bytes(m: int, n: int, dtype, scale_dtype) -> int:
           + 2 * n * np.dtype(scale_dtype).itemsize)
 
 
+def quant_bytes(op: str):
+  """The byte count of a quantized op: x (and residual, h) in x's dtype,
+  y_q one byte an element, the row scales float32 (dynamic)."""
+  def count(m: int, n: int, dtype, scale_dtype) -> int:
+    item = np.dtype(dtype).itemsize
+    total = m * n * (item + 1) + n * np.dtype(scale_dtype).itemsize
+    if "residual" in op:
+      total += 2 * m * n * item
+    if "static" not in op:
+      total += 4 * m
+    return total
+  return count
+
+
 OP_BYTES = {"forward": forward_bytes, "backward": backward_bytes,
-            "add": add_bytes, "step": step_bytes}
+            "add": add_bytes, "step": step_bytes,
+            **{op: quant_bytes(op) for op in OPS if op.startswith("quant")}}
+# The kernel families with a quantized kernel.
+QUANT_IMPLEMENTATIONS = ("triton",)
+# The quantized ops' output dtype and static scale.
+QUANT_DTYPE = "float8_e4m3fn"
+QUANT_STATIC_SCALE = 0.01
 
 
 # The copy ceiling --------------------------------------------------------
@@ -223,8 +249,11 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
   op: "forward" (rms_norm), "backward" (dx and d(scale) of rms_norm from
   the residuals its forward saved, against XLA's autodiff of the reference,
   forward included), "add" (add_rms_norm; XLA runs the unfused add then
-  norm) or "step" (y, dx and d(scale) from one jit: the forward and its
-  vjp, against the same with implementation="xla").
+  norm), "step" (y, dx and d(scale) from one jit: the forward and its
+  vjp, against the same with implementation="xla") or "quant..."
+  (rms_norm_quantized to float8_e4m3fn, dynamic or "-static", with or
+  without "-residual"; XLA runs the reference: the norm, then the amax and
+  the quantization, as many kernels as it fuses them into).
   implementations: the kernel families to run beside XLA, which always runs
   as the baseline. interpret: run the kernels in Pallas interpret mode (a
   CPU dry run of these code paths; its times mean nothing).
@@ -291,6 +320,33 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
           testing.grads_excess(dx, dscale, grads, dtype, scale.dtype))
     def make(name):
       return jax.jit(step_fn(**kwargs(name))), (x, scale, dy), check
+  elif op.startswith("quant"):
+    residual = other if "residual" in op else None
+    static = QUANT_STATIC_SCALE if "static" in op else None
+    h = None if residual is None else np.asarray(
+        reference.residual_add(x, residual))
+    y64 = testing.oracle(x if h is None else h, scale)
+    rel = testing.quantized_relative_error(n)
+    def check(out):
+      out = out if isinstance(out, tuple) else (out,)
+      y_q = out[0]
+      s = static if static is not None else out[1]
+      worst = [testing.quantized_excess(y_q, s, y64, QUANT_DTYPE, rel)]
+      if static is None:
+        worst.append(testing.scales_excess(out[1], y64, QUANT_DTYPE, n))
+      if h is not None:
+        worst.append(testing.Worst(
+            -np.inf if np.array_equal(np.asarray(out[-1]), h) else np.inf,
+            ("h",)))
+      return testing.worst_of(*worst)
+    def make(name):
+      fn = jax.jit(functools.partial(
+          api.rms_norm_quantized, quant_dtype=QUANT_DTYPE,
+          quant_scale=static, **kwargs(name)))
+      if residual is None:
+        return fn, (x, scale), check
+      return (jax.jit(lambda x, s, r: fn(x, s, residual=r)),
+              (x, scale, residual), check)
   else:
     raise ValueError(f"unknown {op=}; choose from {OPS}")
 

@@ -234,6 +234,10 @@ def run(x, residual, scale, opts: validation.Options, *, names, fallback,
   ops = vjp.Ops(forward=_local(p, "forward", opts.forward_kwargs()),
                 backward=_local(p, "backward", opts.backward_kwargs()),
                 opts=opts, x_dtype=x.dtype)
+  if p.auto and p["backward"] == "xla":
+    # The table found XLA's training step faster here (or the backward
+    # kernel cannot run): XLA differentiates the reference.
+    return vjp.apply_xla_gradient(ops, x, residual, scale)
   return vjp.apply(ops, x, residual, scale)
 
 

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 # float32's unit roundoff: the largest relative error of one rounding.
@@ -392,3 +393,72 @@ def relative_error(got, ref: np.ndarray, size: float = 0.0) -> float:
     return np.inf
   denom = max(np.linalg.norm(ref.ravel()), size)
   return float(np.linalg.norm((got - ref).ravel()) / max(denom, 1e-300))
+
+
+# The quantized output ------------------------------------------------------
+
+def half_step(v: np.ndarray, quant_dtype) -> np.ndarray:
+  """Half the spacing of `quant_dtype` at magnitude |v|: the largest error of
+  a correct round-to-nearest. fp8: spacing 2**(e - nmant) in v's binade
+  (e >= the smallest normal's exponent: subnormals are evenly spaced);
+  int8: 1."""
+  if jnp.dtype(quant_dtype) == jnp.int8:
+    return np.full_like(v, 0.5)
+  info = ml_dtypes.finfo(quant_dtype)
+  e = np.floor(np.log2(np.maximum(np.abs(v), float(info.tiny))))
+  return 0.5 * np.exp2(e - info.nmant)
+
+
+def quantized_relative_error(n: int, cast_order="float32",
+                             norm_dtype=None) -> float:
+  """Relative error of the float32 y * (1/s) against float64's y / s: y in
+  float32 is off by tolerance(float32, n); the reciprocal and the product
+  add two roundings of U: twice that tolerance covers both. The Hugging
+  Face order rounds xhat to the input dtype, where float32's error can tip
+  the rounding by one ulp of that dtype: eps of it more."""
+  rel = 2 * tolerance("float32", n)
+  if cast_order == "hf":
+    rel += float(jnp.finfo(norm_dtype).eps)
+  return rel
+
+
+def quantized_excess(y_q, s, y64: np.ndarray, quant_dtype, rel: float
+                     ) -> Worst:
+  """y_q against float64's y64 / s, per element (`Worst`), s the scale the
+  implementation used (only the quantization is judged).
+
+  With v = y64 / s, a correctly rounded q of clip(v) is within half_step(v)
+  of it; float32's y * (1/s) is v (1 + d), |d| <= rel, which moves the
+  result by at most min(|v|, qmax) rel before rounding: q is then one of v's
+  two neighbours, the farther one only within rel of a tie. Elements past
+  qmax (beyond the error) must be exactly +-qmax.
+  """
+  top = float(quantize_qmax(quant_dtype))
+  q = np.asarray(y_q).astype(np.float64)
+  v = y64 / np.asarray(s).astype(np.float64)
+  clipped = np.clip(v, -top, top)
+  bound = half_step(clipped, quant_dtype) + np.minimum(np.abs(v), top) * rel
+  saturated = np.abs(v) * (1 - rel) > top
+  bound[saturated] = 0.0
+  return _worst(q, clipped, lambda rows: bound.reshape(
+      -1, bound.shape[-1])[rows] + 1e-300)
+
+
+def scales_excess(s, y64: np.ndarray, quant_dtype, n: int) -> Worst:
+  """Dynamic per-row scales against max|y64| / qmax (floored as the spec
+  says), per row (`Worst`). amax is a max of float32 y, each within
+  tolerance(float32, n) of float64's, and the division by qmax adds half an
+  ulp: the tolerance (which counts a whole ulp) covers both."""
+  top = float(quantize_qmax(quant_dtype))
+  amax = np.max(np.abs(y64), axis=-1, keepdims=True)
+  want = np.maximum(amax, top * float(np.finfo(np.float32).tiny)) / top
+  bound = tolerance("float32", n) * want
+  return _worst(np.asarray(s), want, lambda rows: bound.reshape(-1, 1)[rows])
+
+
+def quantize_qmax(quant_dtype) -> float:
+  """The largest code of `quant_dtype` (448, 57344 or 127)."""
+  quant_dtype = jnp.dtype(quant_dtype)
+  if quant_dtype == jnp.int8:
+    return 127.0
+  return float(ml_dtypes.finfo(quant_dtype).max)

@@ -10,6 +10,9 @@
   backward ops each carry a `custom_jvp` rule built on the reference's
   arithmetic (`reference.forward`/`backward`), so the kernels run the first
   order and XLA the derivative of it.
+- Where XLA's training step is the faster (`apply_xla_gradient`): the
+  forward kernel without a gradient, XLA's autodiff of the reference with
+  one.
 
 Both ops are applied shard by shard through `partitioning`.
 """
@@ -65,6 +68,24 @@ def _backward_jvp(ops, primals, tangents):
                               **ops.opts.backward_kwargs())
   _, out_tangents = jax.jvp(ref, primals, tangents)
   return _backward(ops, *primals), out_tangents
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def apply_xla_gradient(ops: Ops, x, residual, scale):
+  """(y, h) from the forward kernel; differentiated as XLA differentiates the
+  reference (for shapes where XLA's training step is the faster one): under
+  jit without a gradient only the kernel runs, under a gradient XLA fuses
+  the reference's forward and backward as it would on its own."""
+  out = _forward(ops, x, residual, scale, False)
+  return out.y, out.h
+
+
+@apply_xla_gradient.defjvp
+def _apply_xla_gradient_jvp(ops, primals, tangents):
+  def ref(x, residual, scale):
+    out = reference.forward(x, residual, scale, **ops.opts.forward_kwargs())
+    return out.y, out.h
+  return jax.jvp(ref, primals, tangents)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
