@@ -58,9 +58,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--ops", nargs="+", choices=bench.OPS,
                  default=list(bench.OPS))
   p.add_argument("--implementations", nargs="+",
-                 choices=validation.KERNEL_IMPLEMENTATIONS,
+                 choices=validation.KERNEL_IMPLEMENTATIONS + ("auto",),
                  default=["triton"],
-                 help="kernel families timed beside XLA (default: triton)")
+                 help="kernel families timed beside XLA (default: triton); "
+                 "auto: implementation=None, the speed table's choice")
   p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
   p.add_argument("--max-elements", type=float, default=math.inf,
                  help="skip shapes with more elements (quick runs)")

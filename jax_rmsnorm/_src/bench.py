@@ -119,7 +119,7 @@ OP_BYTES = {"forward": forward_bytes, "backward": backward_bytes,
             "add": add_bytes, "step": step_bytes,
             **{op: quant_bytes(op) for op in OPS if op.startswith("quant")}}
 # The kernel families with a quantized kernel.
-QUANT_IMPLEMENTATIONS = ("triton",)
+QUANT_IMPLEMENTATIONS = ("triton", "auto")
 # The quantized ops' output dtype and static scale.
 QUANT_DTYPE = "float8_e4m3fn"
 QUANT_STATIC_SCALE = 0.01
@@ -255,7 +255,8 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
   without "-residual"; XLA runs the reference: the norm, then the amax and
   the quantization, as many kernels as it fuses them into).
   implementations: the kernel families to run beside XLA, which always runs
-  as the baseline. interpret: run the kernels in Pallas interpret mode (a
+  as the baseline, and "auto" for implementation=None (the speed table's
+  choice). interpret: run the kernels in Pallas interpret mode (a
   CPU dry run of these code paths; its times mean nothing).
 
   Returns one flat row (see the module docstring). Per implementation
@@ -275,6 +276,8 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
   def kwargs(name):
     if name == "xla":
       return dict(implementation="xla")
+    if name == "auto":  # implementation=None: what users get by default
+      return dict(implementation=None)
     return dict(implementation=name, interpret=interpret)
 
   if op == "forward":
