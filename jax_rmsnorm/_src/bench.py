@@ -217,7 +217,7 @@ def _vjp_fn(kwargs):
 def xla_backward(x, scale, dy):
   """XLA's autodiff of the reference, forward included: XLA drops y, fuses
   the rstd recomputation into the backward's kernels. Its fastest form, and
-  the form anchors.md timed."""
+  the form the peers were timed in."""
   return jax.vjp(api.rms_norm_reference, x, scale)[1](dy)
 
 

@@ -39,5 +39,5 @@ BENCHMARK_SHAPES: tuple[tuple[int, int, str], ...] = (
 )
 
 # Inputs of at least this many elements are "large": they must run near the
-# copy ceiling (anchors.md; 8M elements = 16 MiB of bf16).
+# copy ceiling (8M elements = 16 MiB of bf16).
 LARGE_ELEMENTS = 8 * 1024 * 1024

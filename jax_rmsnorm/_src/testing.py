@@ -170,7 +170,7 @@ def worst_excess(y, ref: np.ndarray, dtype, n: int,
 
 
 def random_inputs(seed: int, shape, dtype, scale_dtype=None):
-  """x ~ N(0, 1) and scale ~ 1 + 0.1 N(0, 1) (anchors.md), fresh per seed."""
+  """x ~ N(0, 1) and scale ~ 1 + 0.1 N(0, 1), fresh per seed."""
   kx, ks = jax.random.split(jax.random.key(seed))
   x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
   scale = 1.0 + 0.1 * jax.random.normal(ks, tuple(shape[-1:]), jnp.float32)
