@@ -70,7 +70,7 @@ def test_benchmark_cli_dry_run_writes_records_report_reads(tmp_path, capsys):
       "--iterations", "1", "--out", str(tmp_path)])
   assert status == 0
   records = sorted(tmp_path.glob("*.json"))
-  assert [p.name.split("_")[0] for p in records] == sorted(bench.OPS)
+  assert sorted(p.name.split("_")[0] for p in records) == sorted(bench.OPS)
   for path in records:
     data = json.loads(path.read_text())
     assert data["implementations"] == ["triton"]
