@@ -93,12 +93,16 @@ def check_supported(m: int, n: int, dtype=None, *,
         f"{m} rows of {n} elements: the Mosaic kernels copy blocks of a "
         f"multiple of {multiple} rows (128-byte TMA copies)")
   if n > mosaic_config.ALWAYS_SUPPORTED_COLS:
-    # The widest case: every other operand float32, outputs not in place.
+    # The widest case for x's dtype: every other operand float32, the
+    # outputs not in place, the scale and dh left in GMEM if need be.
     x_itemsize = min(itemsizes)
-    row_bytes = (x_itemsize + 3 * 4) * n if backward else (x_itemsize + 8) * n
-    fixed = 8 * n if backward else 0
     try:
-      mosaic_config.get_config(n, row_bytes, 4, fixed)
+      if backward:
+        mosaic_config.get_config(n, (x_itemsize + 4) * n, 4,
+                                 4 * (n + mosaic_config.THREADS * 4), 1,
+                                 4 * n, 4 * n)
+      else:
+        mosaic_config.get_config(n, (x_itemsize + 8) * n, 4, 0, 1, 4 * n)
     except NotImplementedError as e:
       raise NotImplementedError(f"rows of {n} elements: {e}") from e
 
@@ -201,6 +205,47 @@ class Chunks:
 # ---------------------------------------------------------------------------
 # In-kernel helpers.
 
+class ChunkIO:
+  """Loads and stores of one chunk (rows, cols) of a row block, as float32
+  in `chunk_layout(vec)`. A block of one row is read as a (cols,) vector
+  and broadcast (JAX 0.10's Mosaic cannot fold a (1, cols) window of a
+  longer row); its stores go through a sum over the one row (exact)."""
+
+  def __init__(self, rows: int, cols: int, vec: int, interpret: bool):
+    self.rows, self.cols, self.interpret = rows, cols, interpret
+    self.layout = chunk_layout(vec)
+    self.column_layout = column_layout(vec)
+
+  def _window(self, ref, col):
+    if self.rows == 1:
+      return ref.at[0, pl.ds(col, self.cols)]
+    return ref.at[:, pl.ds(col, self.cols)]
+
+  def get(self, ref, col, *, gmem: bool = False) -> jax.Array:
+    """ref[:, col:col + cols] as float32 (ref a (rows, n) window)."""
+    window = self._window(ref, col)
+    if self.rows == 1:
+      layout = self.column_layout
+    else:
+      layout = self.layout
+    if gmem:
+      value = load_gmem(window, layout, self.interpret)
+    else:
+      value = load(window, layout, self.interpret)
+    value = value.astype(jnp.float32)
+    if self.rows == 1:
+      value = with_layout(
+          lax.broadcast_in_dim(value, (1, self.cols), (1,)), self.layout,
+          self.interpret)
+    return value
+
+  def put(self, ref, col, value: jax.Array) -> None:
+    """ref[:, col:col + cols] = value (rounded to ref's dtype)."""
+    if self.rows == 1:
+      value = jnp.sum(value, axis=0)
+    self._window(ref, col)[...] = value.astype(ref.dtype)
+
+
 def load(ref, layout, interpret: bool) -> jax.Array:
   """ref[...] in `layout` (plain in interpret mode, which has no layouts)."""
   value = ref[...]
@@ -220,6 +265,11 @@ def load_gmem(ref, layout, interpret: bool) -> jax.Array:
 def with_layout(value: jax.Array, layout, interpret: bool) -> jax.Array:
   """Assigns the layout of a value just made (a broadcast, an iota)."""
   return value if interpret else plgpu.layout_cast(value, layout)
+
+
+def load_rows(ref, start, rows: int, layout, interpret: bool) -> jax.Array:
+  """ref[start:start + rows], a (rows,) GMEM vector, into `row_layout`."""
+  return load_gmem(ref.at[pl.ds(start, rows)], layout, interpret)
 
 
 def store_rows(ref, start, value: jax.Array) -> None:

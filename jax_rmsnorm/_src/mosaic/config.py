@@ -61,12 +61,16 @@ class Config:
     scale_in_smem: the scale is copied into shared memory once per CTA;
       otherwise every chunk reads it from GMEM (L1/L2), where shared memory
       is short.
+    dh_in_smem: the backward's extra gradient dh comes in by TMA with x and
+      dy; otherwise its chunks are loaded from GMEM straight into registers
+      (it is read once), where shared memory is short.
   """
   vec: int
   block_rows: int
   stages: int
   ctas_per_sm: int = 1
   scale_in_smem: bool = True
+  dh_in_smem: bool = True
 
   def __post_init__(self):
     if self.vec < 1 or self.vec & (self.vec - 1):
@@ -132,21 +136,21 @@ def smem_budget(ctas_per_sm: int) -> int:
 
 def get_config(n: int, row_bytes: int, max_itemsize: int,
                fixed_bytes: int = 0, rows_multiple: int = 1,
-               scale_bytes: int = 0, device_kind: str | None = None
-               ) -> Config:
+               scale_bytes: int = 0, dh_row_bytes: int = 0,
+               device_kind: str | None = None) -> Config:
   """Picks the launch configuration of a kernel over rows of `n` elements.
 
   Pure function of its arguments. `row_bytes` is the shared memory one row
-  takes in one stage (its operands summed), `max_itemsize` the widest of
-  their dtypes, `fixed_bytes` shared memory the kernel keeps besides the
-  stages (the backward's d(scale) sums), `scale_bytes` those of the scale
-  (kept in shared memory where it fits), `rows_multiple` what
-  block_rows must be a multiple of (`row_multiple`). The row count is not
-  an argument:
-  a block never holds more rows than there are (`Config.for_rows`), and
-  nothing else depends on it. `device_kind` is accepted so that callers
-  need not change when a card gets its own table; the H100 and H200 share
-  this one.
+  takes in one stage (its operands summed, dh's excluded), `max_itemsize`
+  the widest dtype a thread loads, `fixed_bytes` shared memory the kernel
+  keeps besides the stages (the backward's d(scale) sums), `rows_multiple`
+  what block_rows must be a multiple of (`row_multiple`). Two operands go
+  through shared memory only where it has room: the scale (`scale_bytes`,
+  once per CTA) and the backward's dh (`dh_row_bytes` a row and stage).
+  The row count is not an argument: a block never holds more rows than
+  there are (`Config.for_rows`), and nothing else depends on it.
+  `device_kind` is accepted so that callers need not change when a card
+  gets its own table; the H100 and H200 share this one.
 
   Raises NotImplementedError when not even one row in one stage fits in
   shared memory.
@@ -154,20 +158,24 @@ def get_config(n: int, row_bytes: int, max_itemsize: int,
   del device_kind
   vec = pick_vec(n, max_itemsize)
   by_registers = max(1, _MAX_ELEMENTS_PER_THREAD // vec)
-  by_bytes = max(1, _TARGET_BLOCK_BYTES // row_bytes)
+  by_bytes = max(1, _TARGET_BLOCK_BYTES // (row_bytes + dh_row_bytes))
   block_rows = min(by_registers, by_bytes)
   block_rows = max(rows_multiple, block_rows // rows_multiple * rows_multiple)
-  # Pipelining first, then the scale in shared memory.
-  for ctas_per_sm, min_stages, scale_in_smem in (
-      (2, 3, True), (1, 2, True), (1, 2, False), (1, 1, True),
-      (1, 1, False)):
+  # Pipelining first, then dh and the scale in shared memory.
+  candidates = [(2, 3, True, True)] + [
+      (1, min_stages, scale, dh) for min_stages in (2, 1)
+      for dh in (True, False) for scale in (True, False)]
+  for ctas_per_sm, min_stages, scale_in_smem, dh_in_smem in candidates:
     room = smem_budget(ctas_per_sm) - fixed_bytes - (
         scale_bytes if scale_in_smem else 0)
-    stages = min(_MAX_STAGES, room // (block_rows * row_bytes))
+    per_stage = block_rows * (row_bytes + (dh_row_bytes if dh_in_smem
+                                           else 0))
+    stages = min(_MAX_STAGES, room // per_stage)
     if stages >= min_stages:
       return Config(vec=vec, block_rows=block_rows, stages=stages,
                     ctas_per_sm=ctas_per_sm,
-                    scale_in_smem=scale_in_smem or not scale_bytes)
+                    scale_in_smem=scale_in_smem or not scale_bytes,
+                    dh_in_smem=dh_in_smem or not dh_row_bytes)
   raise NotImplementedError(
       f"a row of {n} elements ({row_bytes} bytes of operands in shared "
       f"memory, plus {fixed_bytes}) does not fit in the "

@@ -62,26 +62,20 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   cols = chunks.cols
   shape = (rows, cols)
   layout = common.chunk_layout(vec)
-  load = functools.partial(common.load, interpret=interpret)
+  io = common.ChunkIO(rows, cols, vec, interpret)
   f32 = jnp.float32
   norm_dtype = x_smem.dtype if r_smem is None else r_smem.dtype
-  # The tail (if any) is visited first and written last: see common.Chunks.
-  order = ([chunks.count] if chunks.has_tail else []) + list(
-      range(chunks.count))
-
-  def at(ref, k):
-    return ref.at[:, pl.ds(chunks.start(k), cols)]
 
   def scale_of(k):
     """offset + scale of chunk k, float32, broadcast over the rows."""
+    window = pl.ds(chunks.start(k), cols)
     if w_smem is not None:
-      w = load(w_smem.at[pl.ds(chunks.start(k), cols)],
-               common.column_layout(vec))
+      w = common.load(w_smem.at[window], common.column_layout(vec),
+                      interpret)
     else:
-      w = common.load_gmem(w_gmem.at[pl.ds(chunks.start(k), cols)],
-                           common.column_layout(vec), interpret)
-    w = w.astype(f32)
-    w = jnp.float32(offset) + w
+      w = common.load_gmem(w_gmem.at[window], common.column_layout(vec),
+                           interpret)
+    w = jnp.float32(offset) + w.astype(f32)
     return common.with_layout(lax.broadcast_in_dim(w, shape, (1,)), layout,
                               interpret)
 
@@ -95,24 +89,22 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     x_s = x_smem.at[slot]
     r_s = r_smem.at[slot] if r_smem is not None else None
     y_s = y_smem.at[slot]
+    # The tail (if any) is visited first and written last (common.Chunks):
+    # `held` keeps its result meanwhile.
+    held = []
 
     # Pass 1: the sum of squares of each row (and h, with a residual),
     # elementwise over the chunks, then one reduction per row.
-    held = []
-
     def squares(k, acc):
-      x = load(at(x_s, k), layout).astype(f32)
-      if r_s is None:
-        v = x
-      else:
-        h = x + load(at(r_s, k), layout).astype(f32)
-        hq = h.astype(norm_dtype)
-        v = common.round_trip(h, norm_dtype, interpret)
+      v = io.get(x_s, chunks.start(k))
+      if r_s is not None:
+        h = v + io.get(r_s, chunks.start(k))
         if chunks.is_tail(k):
-          held.append(hq)
+          held.append(h)
           common.sync()  # Read before the chunk it overlaps is overwritten.
         else:
-          at(r_s, k)[...] = hq
+          io.put(r_s, chunks.start(k), h)
+        v = common.round_trip(h, norm_dtype, interpret)
       sq = v * v
       if chunks.is_tail(k):
         sq = tail_mask(sq)
@@ -120,7 +112,7 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
     acc = chunks.visit(squares)
     if held:
-      at(r_s, chunks.count)[...] = held.pop()
+      io.put(r_s, chunks.tail_start, held.pop())
     mean_sq = jnp.sum(acc, axis=1) / jnp.float32(n)
     rstd = lax.rsqrt(mean_sq + jnp.float32(eps))
     if rstd_gmem is not None:
@@ -134,23 +126,22 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     src = x_s if r_s is None else r_s
 
     def normalize(k, carry):
-      y = load(at(src, k), layout).astype(f32) * rstd
+      y = io.get(src, chunks.start(k)) * rstd
       if round_normalized:
         y = common.round_trip(y, norm_dtype, interpret)
       if w_gmem is not None:
         y = y * scale_of(k)
-      y = y.astype(y_s.dtype)
       if chunks.is_tail(k):
         held.append(y)
         if y_s is src:
           common.sync()
       else:
-        at(y_s, k)[...] = y
+        io.put(y_s, chunks.start(k), y)
       return carry
 
     chunks.visit(normalize, ())
     if held:
-      at(y_s, chunks.count)[...] = held.pop()
+      io.put(y_s, chunks.tail_start, held.pop())
 
   blocks = common.Blocks(m, rows, ctas)
 
@@ -217,7 +208,7 @@ def forward(x: jax.Array, residual: jax.Array | None,
         max(jnp.dtype(d).itemsize
             for d in tiles + ([] if scale is None else [scale.dtype])),
         0, multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
-        platform.device_kind())
+        device_kind=platform.device_kind())
   scale_in_smem = scale is not None and config.scale_in_smem
   config = config.for_rows(m, multiple)
   ctas = config.num_ctas(m, platform.sm_count())

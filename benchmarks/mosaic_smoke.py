@@ -1,0 +1,233 @@
+"""Smoke test of the Mosaic GPU kernels on a Hopper GPU (JAX 0.11.2).
+
+Per shape: the compiled Mosaic forward and backward against the float64
+oracle (on a sample of rows; d(scale) against XLA's float32 sum), a batch
+invariance probe (the first rows alone give the same bits), then CUPTI
+kernel times beside the Triton kernels and XLA. Every step catches and
+prints its own exception, so one failing shape costs nothing else; a compact
+table comes at the end.
+
+    python -m benchmarks.mosaic_smoke             # the full list, ~2-4 min
+    python -m benchmarks.mosaic_smoke --quick     # four shapes
+    python -m benchmarks.mosaic_smoke --no-time   # correctness only
+
+Columns: us = median CUPTI microseconds of the kernels of one call; "copy" is
+XLA's x * 2 (read + write x); GB/s for the Mosaic forward from the fewest
+bytes it must move (`bench.forward_bytes`); "ok" = max excess over the
+tolerance (<= 0 passes; 'inv' = batch invariance held).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_rmsnorm._src import bench
+from jax_rmsnorm._src import reference
+from jax_rmsnorm._src import testing
+
+SHAPES = [  # (rows, n, dtype): anchors.md's large shapes, then small ones.
+    (32768, 4096, "bfloat16"),
+    (16384, 8192, "bfloat16"),
+    (32768, 3072, "bfloat16"),
+    (65536, 896, "bfloat16"),
+    (4096, 14336, "bfloat16"),
+    (8192, 5120, "bfloat16"),
+    (32768, 4096, "float32"),
+    (4096, 14336, "float32"),
+    (2048, 4096, "bfloat16"),
+    (256, 4096, "bfloat16"),
+    (16, 4096, "bfloat16"),
+    (1, 8192, "bfloat16"),
+    (13, 5120, "bfloat16"),
+    (64, 1000, "bfloat16"),   # n not a multiple of 128: overlapping tail
+    (4096, 4099, "bfloat16"),  # refused (rows not 16-byte aligned)
+]
+QUICK = [(32768, 4096, "bfloat16"), (4096, 14336, "bfloat16"),
+         (65536, 896, "bfloat16"), (13, 5120, "bfloat16")]
+EPS = 1e-6
+SAMPLE_ROWS = 96  # rows compared against the float64 oracle per shape
+
+
+def _short(e: BaseException) -> str:
+  text = f"{type(e).__name__}: {e}".replace("\n", " ")
+  return text[:160]
+
+
+def _kernels():
+  """{name: (forward, backward)} of the implementations present."""
+  out = {}
+  for name in ("mosaic", "triton"):
+    try:
+      fwd = importlib.import_module(f"jax_rmsnorm._src.{name}.forward")
+      bwd = importlib.import_module(f"jax_rmsnorm._src.{name}.backward")
+      out[name] = (fwd.forward, bwd.backward)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"{name} kernels not importable:", _short(e))
+  out["xla"] = (reference.forward, reference.backward)
+  return out
+
+
+def _fwd(fn):
+  return jax.jit(lambda x, w: fn(x, None, w, epsilon=EPS, scale_offset=0.0,
+                                 save_rstd=True)[::2])
+
+
+def _bwd(fn):
+  return jax.jit(lambda x, dy, w, rstd: fn(x, dy, None, w, rstd,
+                                           scale_offset=0.0))
+
+
+def _sample(m: int) -> np.ndarray:
+  rows = np.unique(np.concatenate([
+      np.arange(min(m, SAMPLE_ROWS // 3)),
+      np.arange(max(0, m - SAMPLE_ROWS // 3), m),
+      np.random.default_rng(0).integers(0, m, SAMPLE_ROWS // 3)]))
+  return rows
+
+
+def check_shape(m, n, dtype, kernels, row: dict) -> dict:
+  """Correctness of the compiled Mosaic kernels; fills `row`, returns the
+  arrays for timing."""
+  x, w = testing.random_inputs(1, (m, n), dtype)
+  dy = testing.random_inputs(2, (m, n), dtype)[0]
+  arrays = dict(x=x, w=w, dy=dy)
+  if "mosaic" not in kernels:
+    return arrays
+  mfwd, mbwd = kernels["mosaic"]
+  rows = _sample(m)
+  xs = np.asarray(x[rows])
+  try:
+    y, rstd = jax.block_until_ready(_fwd(mfwd)(x, w))
+    arrays["rstd"] = rstd
+    excess, _ = testing.worst_excess(np.asarray(y[rows]),
+                                     testing.oracle(xs, w, EPS), dtype, n)
+    rstd_ref = 1 / np.sqrt(np.mean(np.asarray(xs, np.float64) ** 2, -1) + EPS)
+    rstd_err = float(np.max(np.abs(np.asarray(rstd[rows]) / rstd_ref - 1)))
+    row["fwd ok"] = f"{excess:.2g}" + ("" if rstd_err < 1e-5 else
+                                       f" rstd {rstd_err:.1g}")
+    if m > 1:  # The first rows alone give the same bits.
+      k = max(1, min(m - 1, 7))
+      y_few = _fwd(mfwd)(x[:k], w)[0]
+      same = bool(np.array_equal(np.asarray(y_few), np.asarray(y[:k])))
+      row["fwd ok"] += " inv" if same else " NOT-INVARIANT"
+  except Exception as e:  # pylint: disable=broad-except
+    row["fwd ok"] = "ERR " + _short(e)
+    traceback.print_exc(limit=4)
+    return arrays
+  try:
+    dx, dw = jax.block_until_ready(_bwd(mbwd)(x, dy, w, rstd))
+    g = testing.oracle_grad(xs, w, np.asarray(dy[rows]), EPS)
+    dx_err = testing.relative_error(np.asarray(dx[rows]), g.dx, g.dx_size)
+    dx_tol = testing.grad_tolerance(dtype, n)
+    # d(scale) sums every row: against XLA's float32 sum of the same terms.
+    _, dw_ref = jax.jit(functools.partial(reference.backward,
+                                          scale_offset=0.0))(
+        x, dy, None, w, rstd)
+    dw_err = testing.relative_error(np.asarray(dw), np.asarray(dw_ref))
+    row["bwd ok"] = (f"dx {dx_err / dx_tol:.2g}tol dw {dw_err:.1g}"
+                     + ("" if dw.dtype == jnp.float32 else " dw-not-f32"))
+    if m > 1:
+      k = max(1, min(m - 1, 7))
+      dx_few = _bwd(mbwd)(x[:k], dy[:k], w, rstd[:k])[0]
+      same = bool(np.array_equal(np.asarray(dx_few), np.asarray(dx[:k])))
+      row["bwd ok"] += " inv" if same else " NOT-INVARIANT"
+  except Exception as e:  # pylint: disable=broad-except
+    row["bwd ok"] = "ERR " + _short(e)
+    traceback.print_exc(limit=4)
+  return arrays
+
+
+def time_shape(m, n, dtype, kernels, arrays, row: dict, iterations: int):
+  x, w, dy = arrays["x"], arrays["w"], arrays["dy"]
+  try:
+    row["copy"] = bench.measure_us(jax.jit(lambda x: x * 2), x,
+                                   iterations=iterations)
+  except Exception as e:  # pylint: disable=broad-except
+    row["copy"] = "ERR " + _short(e)
+  rstd = arrays.get("rstd")
+  if rstd is None:
+    rstd = reference.forward(x, None, w, epsilon=EPS, scale_offset=0.0,
+                             save_rstd=True).rstd
+  for name, (fwd, bwd) in kernels.items():
+    for op, fn, args in (("fwd", _fwd(fwd), (x, w)),
+                         ("bwd", _bwd(bwd), (x, dy, w, rstd))):
+      try:
+        row[f"{name} {op}"] = bench.measure_us(fn, *args,
+                                               iterations=iterations)
+      except Exception as e:  # pylint: disable=broad-except
+        row[f"{name} {op}"] = "ERR " + _short(e)
+  us = row.get("mosaic fwd")
+  if isinstance(us, float):
+    row["mosaic fwd GB/s"] = bench.forward_bytes(m, n, dtype, dtype) / (
+        us * 1e3)
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.1f}"
+  return "-" if value is None else str(value)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--no-time", action="store_true")
+  parser.add_argument("--iterations", type=int, default=20)
+  args = parser.parse_args(argv)
+  print(f"jax {jax.__version__}, devices {jax.devices()}")
+  kernels = _kernels()
+  shapes = QUICK if args.quick else SHAPES
+  table = []
+  for m, n, dtype in shapes:
+    row = {"shape": f"{dtype[:4]} {m}x{n}"}
+    table.append(row)
+    start = time.perf_counter()
+    print(f"--- {row['shape']}", flush=True)
+    try:
+      from jax_rmsnorm._src.mosaic import common  # pylint: disable=g-import-not-at-top
+      common.check_supported(m, n, dtype)
+      common.check_supported(m, n, dtype, backward=True)
+    except Exception as e:  # pylint: disable=broad-except
+      row["fwd ok"] = "refused: " + _short(e)[:60]
+    try:
+      arrays = check_shape(m, n, dtype, kernels, row) if "fwd ok" not in row \
+          else dict(zip(("x", "w"), testing.random_inputs(1, (m, n), dtype)),
+                    dy=testing.random_inputs(2, (m, n), dtype)[0])
+      if not args.no_time:
+        time_shape(m, n, dtype, kernels, arrays, row, args.iterations)
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = _short(e)
+      traceback.print_exc(limit=4)
+    print("   ", {k: _fmt(v) for k, v in row.items()},
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+  columns = ["shape", "fwd ok", "bwd ok", "copy", "mosaic fwd",
+             "triton fwd", "xla fwd", "mosaic fwd GB/s", "mosaic bwd",
+             "triton bwd", "xla bwd", "error"]
+  columns = [c for c in columns if any(c in r for r in table)]
+  cells = [[_fmt(r.get(c)) for c in columns] for r in table]
+  widths = [max(len(c), *(len(row[i]) for row in cells))
+            for i, c in enumerate(columns)]
+  widths = [min(w, 48) for w in widths]
+  print()
+  print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+  for row in cells:
+    print(" | ".join(v[:w].ljust(w) for v, w in zip(row, widths)))
+  print("\nus: median CUPTI microseconds; xla bwd = reference.backward "
+        "from saved rstd; ok: excess over tolerance (<= 0 passes), "
+        "dx in units of its tolerance, inv = batch invariant")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
