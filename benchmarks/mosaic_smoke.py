@@ -77,9 +77,20 @@ def _kernels():
   return out
 
 
-def _fwd(fn):
-  return jax.jit(lambda x, w: fn(x, None, w, epsilon=EPS, scale_offset=0.0,
-                                 save_rstd=True)[::2])
+def _fwd(fn, save_rstd=True):
+  """(x, w) -> (y, rstd) (or (y,): what inference runs, and what XLA
+  fuses into one kernel)."""
+  def run(x, w):
+    out = fn(x, None, w, epsilon=EPS, scale_offset=0.0, save_rstd=save_rstd)
+    return (out.y, out.rstd) if save_rstd else (out.y,)
+  return jax.jit(run)
+
+
+def _probe_rows(m: int, n: int) -> int:
+  """A few rows, as many as a block of the Mosaic kernels may hold."""
+  from jax_rmsnorm._src.mosaic import config  # pylint: disable=g-import-not-at-top
+  multiple = config.row_multiple(n)
+  return min(m - 1, max(multiple, 7 // multiple * multiple))
 
 
 def _bwd(fn):
@@ -115,8 +126,8 @@ def check_shape(m, n, dtype, kernels, row: dict) -> dict:
     rstd_err = float(np.max(np.abs(np.asarray(rstd[rows]) / rstd_ref - 1)))
     row["fwd ok"] = f"{excess:.2g}" + ("" if rstd_err < 1e-5 else
                                        f" rstd {rstd_err:.1g}")
-    if m > 1:  # The first rows alone give the same bits.
-      k = max(1, min(m - 1, 7))
+    k = _probe_rows(m, n)
+    if k >= 1:  # The first rows alone give the same bits.
       y_few = _fwd(mfwd)(x[:k], w)[0]
       same = bool(np.array_equal(np.asarray(y_few), np.asarray(y[:k])))
       row["fwd ok"] += " inv" if same else " NOT-INVARIANT"
@@ -136,8 +147,7 @@ def check_shape(m, n, dtype, kernels, row: dict) -> dict:
     dw_err = testing.relative_error(np.asarray(dw), np.asarray(dw_ref))
     row["bwd ok"] = (f"dx {dx_err / dx_tol:.2g}tol dw {dw_err:.1g}"
                      + ("" if dw.dtype == jnp.float32 else " dw-not-f32"))
-    if m > 1:
-      k = max(1, min(m - 1, 7))
+    if k >= 1:
       dx_few = _bwd(mbwd)(x[:k], dy[:k], w, rstd[:k])[0]
       same = bool(np.array_equal(np.asarray(dx_few), np.asarray(dx[:k])))
       row["bwd ok"] += " inv" if same else " NOT-INVARIANT"
@@ -159,7 +169,7 @@ def time_shape(m, n, dtype, kernels, arrays, row: dict, iterations: int):
     rstd = reference.forward(x, None, w, epsilon=EPS, scale_offset=0.0,
                              save_rstd=True).rstd
   for name, (fwd, bwd) in kernels.items():
-    for op, fn, args in (("fwd", _fwd(fwd), (x, w)),
+    for op, fn, args in (("fwd", _fwd(fwd, save_rstd=False), (x, w)),
                          ("bwd", _bwd(bwd), (x, dy, w, rstd))):
       try:
         row[f"{name} {op}"] = bench.measure_us(fn, *args,
@@ -170,6 +180,66 @@ def time_shape(m, n, dtype, kernels, arrays, row: dict, iterations: int):
   if isinstance(us, float):
     row["mosaic fwd GB/s"] = bench.forward_bytes(m, n, dtype, dtype) / (
         us * 1e3)
+
+
+SWEEP = [("fwd", 65536, 896, "bfloat16"), ("fwd", 4096, 14336, "float32"),
+         ("fwd", 32768, 4096, "bfloat16"), ("bwd", 32768, 4096, "bfloat16"),
+         ("bwd", 4096, 14336, "bfloat16"), ("bwd", 65536, 896, "bfloat16")]
+
+
+def sweep(iterations: int) -> None:
+  """Times launch configurations around the default one (config.py's
+  heuristic) at a few shapes: what to tune next."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  kernels = _kernels()
+  if "mosaic" not in kernels:
+    return
+  from jax_rmsnorm._src.mosaic import common, config as mconfig  # pylint: disable=g-import-not-at-top
+  for op, m, n, dtype in SWEEP:
+    x, w = testing.random_inputs(1, (m, n), dtype)
+    dy = testing.random_inputs(2, (m, n), dtype)[0]
+    rstd = reference.forward(x, None, w, epsilon=EPS, scale_offset=0.0,
+                             save_rstd=True).rstd
+    fwd, bwd = kernels["mosaic"]
+    if op == "fwd":
+      tiles, fixed, extra = [x.dtype], 0, [w.dtype]
+    else:
+      tiles, extra = [x.dtype, dy.dtype], [w.dtype, jnp.float32]
+      vec = mconfig.pick_vec(n, 4)
+      fixed = 4 * common.Chunks(n, 128 * vec).padded_cols
+    base = mconfig.get_config(
+        n, n * sum(jnp.dtype(d).itemsize for d in tiles),
+        max(jnp.dtype(d).itemsize for d in tiles + extra), fixed, 1,
+        n * w.dtype.itemsize)
+    variants = {base}
+    for rows in {base.block_rows, max(1, base.block_rows // 2),
+                 base.block_rows * 2}:
+      for stages in (2, 3):
+        for ctas in (1, 2):
+          variants.add(dataclasses.replace(base, block_rows=rows,
+                                           stages=stages, ctas_per_sm=ctas))
+    row_bytes = n * sum(jnp.dtype(d).itemsize for d in tiles)
+    for cfg in sorted(variants, key=str):
+      smem = (cfg.stages * cfg.block_rows * row_bytes + fixed
+              + n * w.dtype.itemsize * cfg.scale_in_smem)
+      if smem > mconfig.smem_budget(1):
+        continue
+      try:
+        if op == "fwd":
+          fn = jax.jit(lambda x, w, cfg=cfg: fwd(
+              x, None, w, epsilon=EPS, scale_offset=0.0, config=cfg).y)
+          us = bench.measure_us(fn, x, w, iterations=iterations)
+        else:
+          fn = jax.jit(lambda x, dy, w, r, cfg=cfg: bwd(
+              x, dy, None, w, r, scale_offset=0.0, config=cfg))
+          us = bench.measure_us(fn, x, dy, w, rstd, iterations=iterations)
+        text = f"{us:8.1f} us"
+      except Exception as e:  # pylint: disable=broad-except
+        text = "ERR " + _short(e)[:90]
+      mark = "*" if cfg == base else " "
+      print(f"sweep {op} {dtype[:4]} {m}x{n} {mark} rows={cfg.block_rows} "
+            f"stages={cfg.stages} ctas/sm={cfg.ctas_per_sm} "
+            f"scale_smem={cfg.scale_in_smem}: {text}", flush=True)
 
 
 def _fmt(value) -> str:
@@ -183,6 +253,8 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--no-time", action="store_true")
   parser.add_argument("--iterations", type=int, default=20)
+  parser.add_argument("--sweep", action="store_true",
+                      help="also time configurations around the default")
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__}, devices {jax.devices()}")
   kernels = _kernels()
@@ -226,6 +298,8 @@ def main(argv=None) -> int:
   print("\nus: median CUPTI microseconds; xla bwd = reference.backward "
         "from saved rstd; ok: excess over tolerance (<= 0 passes), "
         "dx in units of its tolerance, inv = batch invariant")
+  if args.sweep:
+    sweep(args.iterations)
   return 0
 
 

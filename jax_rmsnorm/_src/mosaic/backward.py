@@ -238,7 +238,7 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
         0 if scale is None else scale.size * scale.dtype.itemsize,
         0 if dh is None else n * dh.dtype.itemsize,
         device_kind=platform.device_kind())
-  config = config.for_rows(m, multiple)
+  config = config.for_rows(m, multiple, platform.sm_count())
   ctas = config.num_ctas(m, platform.sm_count())
   chunks = common.Chunks(n, config.chunk_cols)
   logger.debug("rms_norm mosaic backward: rows=%d n=%d dtype=%s dh=%s "

@@ -351,14 +351,15 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
   load(step, slot, start) issues the TMA copies of a block into buffer
   `slot`, arriving on `barrier.at[slot]`; compute(step, slot, start) works
   on it once that barrier says it landed; store(step, slot, start) issues
-  the TMA copies of its results out (one bulk group). A slot is loaded
-  again only once the stores that read it are done reading: the copies of
-  the next stages - 2 blocks are in flight while one is computed.
+  the TMA copies of its results out of the same buffer (one bulk group).
+
+  Step t waits for its block, then for the stores of step t - 1 to have
+  read their buffer, refills that buffer with block t + stages - 1, and
+  only then computes: stages - 1 blocks are on their way in while one is
+  computed. With one stage the next block is loaded after the stores.
   before_loop() runs once the first loads are issued (waits for operands
   loaded once per CTA).
   """
-  # Blocks loaded ahead of the one computed: stages - 1, or with a single
-  # stage the next one, issued once the stores have read the buffer.
   ahead = max(stages - 1, 1)
 
   def issue(step):
@@ -380,14 +381,17 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
     def _():
       start = blocks.start(cta, step)
       plgpu.barrier_wait(barrier.at[slot])
+      if stages > 1:
+        # The buffer of step - 1 is free once its stores have read it.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        issue(step + ahead)
       compute(step, slot, start)
       sync()  # The results in shared memory are visible to the TMA unit.
       store(step, slot, start)
-      # The stores of the block before (of this one, with one stage) have
-      # read their buffer: its slot takes the next block.
-      plgpu.wait_smem_to_gmem(1 if stages > 1 else 0, wait_read_only=True)
+      if stages == 1:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        issue(step + 1)
 
-    issue(step + ahead)
     return carry
 
   lax.fori_loop(0, blocks.steps, body, 0)

@@ -84,18 +84,24 @@ class Config:
   def chunk_cols(self) -> int:
     return THREADS * self.vec
 
-  def for_rows(self, rows: int, row_multiple: int = 1) -> "Config":
+  def for_rows(self, rows: int, row_multiple: int = 1,
+               sm_count: int | None = None) -> "Config":
     """This configuration for `rows` rows in all: a block has at most that
-    many (the arithmetic of a row does not depend on block_rows), and a
-    multiple of `row_multiple` (see `row_multiple`)."""
-    if rows >= self.block_rows:
-      return self
+    many, and few enough that every CTA the SMs hold gets one where rows are
+    few (decode sizes: latency, not bandwidth); a multiple of
+    `row_multiple` (see `row_multiple`). The arithmetic of a row does not
+    depend on block_rows."""
     if rows < row_multiple:
       raise NotImplementedError(
           f"{rows} rows are fewer than a block needs ({row_multiple}: the "
           "TMA copies move multiples of 128 bytes)")
-    return dataclasses.replace(
-        self, block_rows=rows // row_multiple * row_multiple)
+    block_rows = min(self.block_rows, rows)
+    if sm_count:
+      block_rows = min(block_rows, pl.cdiv(rows, sm_count * self.ctas_per_sm))
+    block_rows = max(row_multiple, block_rows // row_multiple * row_multiple)
+    if block_rows == self.block_rows:
+      return self
+    return dataclasses.replace(self, block_rows=block_rows)
 
   def num_ctas(self, rows: int, sm_count: int) -> int:
     return max(1, min(pl.cdiv(rows, self.block_rows),
@@ -103,21 +109,22 @@ class Config:
 
 
 def pick_vec(n: int, max_itemsize: int) -> int:
-  """The elements a thread loads at once: 16 bytes of the widest dtype, or
-  fewer so that chunks of 128 * vec columns tile n exactly; when no width
-  tiles it (n not a multiple of 128) the widest one whose chunk fits in n
-  and divides its alignment (the last chunk then overlaps the one before).
-  A function of n and the dtypes only: it fixes a row's reduction order."""
-  widest = max(1, 16 // max_itemsize)
-  vec = widest
-  while vec > 1 and n % (THREADS * vec):
+  """The elements a thread loads at once (at most 16 bytes of the widest
+  dtype): the width that reads a row in the fewest chunks of 128 * vec
+  columns, the widest among equals. A chunk that does not tile n ends in a
+  tail chunk overlapping the one before (common.Chunks), which needs
+  n % vec == 0. A function of n and the dtypes only: it fixes a row's
+  reduction order."""
+  best, best_chunks = 1, None
+  vec = max(1, 16 // max_itemsize)
+  while vec >= 1:
+    cols = THREADS * vec
+    if cols <= n and n % vec == 0:
+      chunks = -(-n // cols)
+      if best_chunks is None or chunks < best_chunks:
+        best, best_chunks = vec, chunks
     vec //= 2
-  if n % (THREADS * vec) == 0:
-    return vec
-  vec = widest
-  while vec > 1 and (THREADS * vec > n or n % vec):
-    vec //= 2
-  return vec
+  return best
 
 
 def row_multiple(n: int, itemsize: int = 2) -> int:
@@ -161,10 +168,11 @@ def get_config(n: int, row_bytes: int, max_itemsize: int,
   by_bytes = max(1, _TARGET_BLOCK_BYTES // (row_bytes + dh_row_bytes))
   block_rows = min(by_registers, by_bytes)
   block_rows = max(rows_multiple, block_rows // rows_multiple * rows_multiple)
-  # Pipelining first, then dh and the scale in shared memory.
-  candidates = [(2, 3, True, True)] + [
-      (1, min_stages, scale, dh) for min_stages in (2, 1)
-      for dh in (True, False) for scale in (True, False)]
+  # Two CTAs an SM (one computes while the other waits), then pipelining,
+  # then dh and the scale in shared memory.
+  candidates = [(ctas, min_stages, scale, dh)
+                for ctas, min_stages in ((2, 3), (2, 2), (1, 2), (1, 1))
+                for dh in (True, False) for scale in (True, False)]
   for ctas_per_sm, min_stages, scale_in_smem, dh_in_smem in candidates:
     room = smem_budget(ctas_per_sm) - fixed_bytes - (
         scale_bytes if scale_in_smem else 0)

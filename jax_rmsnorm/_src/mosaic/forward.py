@@ -210,7 +210,7 @@ def forward(x: jax.Array, residual: jax.Array | None,
         0, multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
         device_kind=platform.device_kind())
   scale_in_smem = scale is not None and config.scale_in_smem
-  config = config.for_rows(m, multiple)
+  config = config.for_rows(m, multiple, platform.sm_count())
   ctas = config.num_ctas(m, platform.sm_count())
   logger.debug("rms_norm mosaic forward: rows=%d n=%d dtype=%s residual=%s "
                "ctas=%d %s", m, n, x.dtype, residual is not None, ctas, config)
