@@ -216,8 +216,10 @@ def sweep(iterations: int) -> None:
                  base.block_rows * 2}:
       for stages in (2, 3):
         for ctas in (1, 2):
-          variants.add(dataclasses.replace(base, block_rows=rows,
-                                           stages=stages, ctas_per_sm=ctas))
+          for scale_in_smem in (True, False) if n >= 8192 else (True,):
+            variants.add(dataclasses.replace(
+                base, block_rows=rows, stages=stages, ctas_per_sm=ctas,
+                scale_in_smem=scale_in_smem))
     row_bytes = n * sum(jnp.dtype(d).itemsize for d in tiles)
     for cfg in sorted(variants, key=str):
       smem = (cfg.stages * cfg.block_rows * row_bytes + fixed
