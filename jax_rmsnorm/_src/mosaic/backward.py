@@ -164,6 +164,7 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
     chunks.visit(gradient, ())
     if held:
+      common.sync()  # Every thread read the chunk the tail overlaps.
       io.put(x_s, chunks.tail_start, held.pop())
 
   def load_block(step, slot, start):

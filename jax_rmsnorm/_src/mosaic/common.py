@@ -135,9 +135,11 @@ class Chunks:
   0..count-1, then (if cols does not divide n) a last chunk at n - cols,
   which overlaps the one before by `overlap` columns.
 
-  Kernels that write in place visit the tail first (`order`) and write its
-  result last, so that it reads the inputs before the chunk it overlaps is
-  overwritten; it is masked out of every sum over the row.
+  Kernels that write in place visit the tail first (`visit`) and write its
+  result last, with a warpgroup barrier on both sides: its reads happen
+  before other threads overwrite the chunk it overlaps, its write after
+  they read that chunk (the overlapping columns then get the same value
+  twice). It is masked out of every sum over the row.
   """
 
   def __init__(self, n: int, cols: int):
@@ -353,12 +355,15 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
   on it once that barrier says it landed; store(step, slot, start) issues
   the TMA copies of its results out of the same buffer (one bulk group).
 
-  Step t waits for its block, then for the stores of step t - 1 to have
-  read their buffer, refills that buffer with block t + stages - 1, and
-  only then computes: stages - 1 blocks are on their way in while one is
-  computed. With one stage the next block is loaded after the stores.
-  before_loop() runs once the first loads are issued (waits for operands
-  loaded once per CTA).
+  A buffer is loaded again once the stores of its last block have read it.
+  With three or more stages, step t refills the buffer of step t - 1 after
+  its own compute (stages - 2 blocks arrive while one is computed, and no
+  step waits for a store it just issued). With two, step t refills it
+  before computing, once step t - 1's stores have read it (one block
+  arrives while one is computed: on an H200 this beat the order above,
+  which then has none in flight). With one, the next block is loaded after
+  the stores. before_loop() runs once the first loads are issued (waits for
+  operands loaded once per CTA).
   """
   ahead = max(stages - 1, 1)
 
@@ -381,16 +386,17 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
     def _():
       start = blocks.start(cta, step)
       plgpu.barrier_wait(barrier.at[slot])
-      if stages > 1:
-        # The buffer of step - 1 is free once its stores have read it.
+      if stages == 2:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        issue(step + ahead)
+        issue(step + 1)
       compute(step, slot, start)
       sync()  # The results in shared memory are visible to the TMA unit.
       store(step, slot, start)
-      if stages == 1:
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        issue(step + 1)
+      if stages != 2:
+        # Only this step's stores may still be reading (none, with one
+        # stage): the buffer of step - 1 (this one) takes the next block.
+        plgpu.wait_smem_to_gmem(1 if stages > 2 else 0, wait_read_only=True)
+        issue(step + ahead)
 
     return carry
 

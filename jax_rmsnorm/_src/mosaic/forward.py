@@ -90,8 +90,11 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     r_s = r_smem.at[slot] if r_smem is not None else None
     y_s = y_smem.at[slot]
     # The tail (if any) is visited first and written last (common.Chunks):
-    # `held` keeps its result meanwhile.
+    # `held` keeps its result meanwhile. Written in place, it is fenced on
+    # both sides: its reads before the chunk it overlaps is overwritten (by
+    # other threads), its write after every thread read that chunk.
     held = []
+    y_over_x = y_in_place and r_s is None
 
     # Pass 1: the sum of squares of each row (and h, with a residual),
     # elementwise over the chunks, then one reduction per row.
@@ -112,6 +115,7 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
     acc = chunks.visit(squares)
     if held:
+      common.sync()
       io.put(r_s, chunks.tail_start, held.pop())
     mean_sq = jnp.sum(acc, axis=1) / jnp.float32(n)
     rstd = lax.rsqrt(mean_sq + jnp.float32(eps))
@@ -133,7 +137,7 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
         y = y * scale_of(k)
       if chunks.is_tail(k):
         held.append(y)
-        if y_s is src:
+        if y_over_x:
           common.sync()
       else:
         io.put(y_s, chunks.start(k), y)
@@ -141,6 +145,8 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
     chunks.visit(normalize, ())
     if held:
+      if y_over_x:
+        common.sync()
       io.put(y_s, chunks.tail_start, held.pop())
 
   blocks = common.Blocks(m, rows, ctas)
