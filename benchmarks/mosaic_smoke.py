@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import statistics
 import sys
 import time
 import traceback

@@ -95,7 +95,7 @@ def check_supported(m: int, n: int, dtype=None, *,
   if n > mosaic_config.ALWAYS_SUPPORTED_COLS:
     # The widest case for x's dtype: every other operand float32, the
     # outputs not in place, the scale and dh left in GMEM if need be.
-    x_itemsize = min(itemsizes)
+    x_itemsize = max(itemsizes)
     try:
       if backward:
         mosaic_config.get_config(n, (x_itemsize + 4) * n, 4,
@@ -358,12 +358,12 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
   A buffer is loaded again once the stores of its last block have read it.
   With three or more stages, step t refills the buffer of step t - 1 after
   its own compute (stages - 2 blocks arrive while one is computed, and no
-  step waits for a store it just issued). With two, step t refills it
-  before computing, once step t - 1's stores have read it (one block
-  arrives while one is computed: on an H200 this beat the order above,
-  which then has none in flight). With one, the next block is loaded after
-  the stores. before_loop() runs once the first loads are issued (waits for
-  operands loaded once per CTA).
+  step waits for a store it just issued; refilling it before the compute
+  measured the same on an H200). With two, step t refills it before
+  computing, once step t - 1's stores have read it: the only order in which
+  a block arrives while one is computed. With one, the next block is loaded
+  after the stores. before_loop() runs once the first loads are issued
+  (waits for operands loaded once per CTA).
   """
   ahead = max(stages - 1, 1)
 

@@ -31,12 +31,12 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   `config.stages` of them in shared memory at once (common.pipeline).
 
   Refs: x, [residual], [scale], y, [h], [rstd] in GMEM; then the SMEM
-  buffers x (stages, rows, n), [residual], [y], [scale (n,)], the load
-  barriers (one a stage) and [the scale's barrier]. The scale is copied into
-  shared memory once per CTA. With a
-  residual, h = x + residual rounded to residual's dtype is written over the
-  residual's buffer, and that is the row normalized; y is written over x's
-  buffer when it has x's dtype (`y_in_place`).
+  buffers x (stages, rows, n), [residual], [y], [scale (when
+  config.scale_in_smem: copied once per CTA)], the load barriers (one a
+  stage) and [the scale's barrier]. With a residual, h = x + residual
+  rounded to residual's dtype is written over the residual's buffer, and
+  that is the row normalized; y is written over x's buffer when it has x's
+  dtype (`y_in_place`).
 
   A block is read from shared memory twice, chunk by chunk: the first pass
   sums the squares (elementwise over the chunks, then one reduction per
