@@ -1,0 +1,190 @@
+"""Launch configuration of the Mosaic GPU kernels and its one heuristic.
+
+Every kernel here is a persistent grid of CTAs of one warpgroup (128
+threads). A CTA walks over blocks of `block_rows` rows: each block is
+copied whole into shared memory by one bulk TMA copy per operand, `stages`
+blocks deep, and the row is read from shared memory in chunks of
+`128 * vec` columns (every thread holds `vec` contiguous elements of each
+row of a chunk). Rows are never split across CTAs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jax.experimental import pallas as pl
+
+# Threads of a CTA (one warpgroup), and so columns of a chunk per `vec`.
+THREADS = 128
+# Shared memory of one Hopper SM (228 KiB), of which one CTA may take
+# 227 KiB (pallas-notes.md: 232448 bytes), and what the CUDA runtime keeps
+# per CTA.
+SMEM_PER_SM = 233472
+SMEM_PER_CTA = 232448
+_SMEM_SYSTEM_PER_CTA = 1024
+# What Pallas adds to the scratch we ask for: the cross-warp reduction
+# scratch (CompilerParams.reduction_scratch_bytes, 2 KiB by default), the
+# barriers, alignment.
+SMEM_RESERVED = 4096
+# Rows shorter than one chunk of 128 columns have no configuration.
+MIN_COLS = THREADS
+# Rows of at most this many elements are supported for every combination of
+# dtypes (three float32 rows of 16384 in one stage fit; see
+# `common.check_supported`).
+ALWAYS_SUPPORTED_COLS = 16384
+
+# Bytes of one block of rows in one stage, summed over the operands held in
+# shared memory. Large enough that the TMA copies in flight (stages - 1 of
+# them ahead of the block being computed) cover the memory latency; small
+# enough that three stages of two CTAs fit in an SM.
+_TARGET_BLOCK_BYTES = 32 * 1024
+# Elements of one row block a thread holds per chunk (block_rows * vec):
+# the float32 sums of a chunk take this many registers, the loaded values as
+# many again.
+_MAX_ELEMENTS_PER_THREAD = 32
+_MAX_STAGES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """How one Mosaic GPU kernel is launched.
+
+  Attributes:
+    vec: contiguous elements a thread loads from a row (a power of two, at
+      most 16 bytes of the widest dtype); a chunk is 128 * vec columns. A
+      row's reduction order depends on vec and n only.
+    block_rows: rows of one block (one TMA copy per operand).
+    stages: blocks of rows held in shared memory at once: the copy of the
+      next stages - 1 blocks runs while one is computed.
+    ctas_per_sm: CTAs launched per SM (the grid is persistent).
+    scale_in_smem: the scale is copied into shared memory once per CTA;
+      otherwise every chunk reads it from GMEM (L1/L2), where shared memory
+      is short.
+    dh_in_smem: the backward's extra gradient dh comes in by TMA with x and
+      dy; otherwise its chunks are loaded from GMEM straight into registers
+      (it is read once), where shared memory is short.
+  """
+  vec: int
+  block_rows: int
+  stages: int
+  ctas_per_sm: int = 1
+  scale_in_smem: bool = True
+  dh_in_smem: bool = True
+
+  def __post_init__(self):
+    if self.vec < 1 or self.vec & (self.vec - 1):
+      raise ValueError(f"Config.vec must be a power of two, got {self.vec}")
+    for field in ("block_rows", "stages", "ctas_per_sm"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"Config.{field} must be positive, got "
+                         f"{getattr(self, field)}")
+
+  @property
+  def chunk_cols(self) -> int:
+    return THREADS * self.vec
+
+  def for_rows(self, rows: int, row_multiple: int = 1,
+               sm_count: int | None = None) -> "Config":
+    """This configuration for `rows` rows in all: a block has at most that
+    many, and few enough that every CTA the SMs hold gets one where rows are
+    few (decode sizes: latency, not bandwidth); a multiple of
+    `row_multiple` (see `row_multiple`). The arithmetic of a row does not
+    depend on block_rows."""
+    if rows < row_multiple:
+      raise NotImplementedError(
+          f"{rows} rows are fewer than a block needs ({row_multiple}: the "
+          "TMA copies move multiples of 128 bytes)")
+    block_rows = min(self.block_rows, rows)
+    if sm_count:
+      block_rows = min(block_rows, pl.cdiv(rows, sm_count * self.ctas_per_sm))
+    block_rows = max(row_multiple, block_rows // row_multiple * row_multiple)
+    if block_rows == self.block_rows:
+      return self
+    return dataclasses.replace(self, block_rows=block_rows)
+
+  def num_ctas(self, rows: int, sm_count: int) -> int:
+    return max(1, min(pl.cdiv(rows, self.block_rows),
+                      self.ctas_per_sm * sm_count))
+
+
+def pick_vec(n: int, max_itemsize: int) -> int:
+  """The elements a thread loads at once (at most 16 bytes of the widest
+  dtype): the width that reads a row in the fewest chunks of 128 * vec
+  columns, the widest among equals. A chunk that does not tile n ends in a
+  tail chunk overlapping the one before (common.Chunks), which needs
+  n % vec == 0. A function of n and the dtypes only: it fixes a row's
+  reduction order."""
+  best, best_chunks = 1, None
+  vec = max(1, 16 // max_itemsize)
+  while vec >= 1:
+    cols = THREADS * vec
+    if cols <= n and n % vec == 0:
+      chunks = -(-n // cols)
+      if best_chunks is None or chunks < best_chunks:
+        best, best_chunks = vec, chunks
+    vec //= 2
+  return best
+
+
+def row_multiple(n: int, itemsize: int = 2) -> int:
+  """Rows whose bytes are a multiple of 128, which Pallas needs of a TMA
+  copy into shared memory (one arrival of bytes / 128 per thread): a block
+  has a multiple of this many rows. Hidden sizes that are multiples of 64
+  need 1. The default itemsize is the smallest, the worst case."""
+  return 128 // math.gcd(128, n * itemsize)
+
+
+def smem_budget(ctas_per_sm: int) -> int:
+  """Scratch bytes one of `ctas_per_sm` CTAs may ask for."""
+  per_cta = SMEM_PER_SM // ctas_per_sm - _SMEM_SYSTEM_PER_CTA
+  return min(per_cta, SMEM_PER_CTA) - SMEM_RESERVED
+
+
+def get_config(n: int, row_bytes: int, max_itemsize: int,
+               fixed_bytes: int = 0, rows_multiple: int = 1,
+               scale_bytes: int = 0, dh_row_bytes: int = 0,
+               device_kind: str | None = None) -> Config:
+  """Picks the launch configuration of a kernel over rows of `n` elements.
+
+  Pure function of its arguments. `row_bytes` is the shared memory one row
+  takes in one stage (its operands summed, dh's excluded), `max_itemsize`
+  the widest dtype a thread loads, `fixed_bytes` shared memory the kernel
+  keeps besides the stages (the backward's d(scale) sums), `rows_multiple`
+  what block_rows must be a multiple of (`row_multiple`). Two operands go
+  through shared memory only where it has room: the scale (`scale_bytes`,
+  once per CTA) and the backward's dh (`dh_row_bytes` a row and stage).
+  The row count is not an argument: a block never holds more rows than
+  there are (`Config.for_rows`), and nothing else depends on it.
+  `device_kind` is accepted so that callers need not change when a card
+  gets its own table; the H100 and H200 share this one.
+
+  Raises NotImplementedError when not even one row in one stage fits in
+  shared memory.
+  """
+  del device_kind
+  vec = pick_vec(n, max_itemsize)
+  by_registers = max(1, _MAX_ELEMENTS_PER_THREAD // vec)
+  by_bytes = max(1, _TARGET_BLOCK_BYTES // (row_bytes + dh_row_bytes))
+  block_rows = min(by_registers, by_bytes)
+  block_rows = max(rows_multiple, block_rows // rows_multiple * rows_multiple)
+  # Two CTAs an SM (one computes while the other waits), then pipelining,
+  # then dh and the scale in shared memory.
+  candidates = [(ctas, min_stages, scale, dh)
+                for ctas, min_stages in ((2, 3), (2, 2), (1, 2), (1, 1))
+                for dh in (True, False) for scale in (True, False)]
+  for ctas_per_sm, min_stages, scale_in_smem, dh_in_smem in candidates:
+    room = smem_budget(ctas_per_sm) - fixed_bytes - (
+        scale_bytes if scale_in_smem else 0)
+    per_stage = block_rows * (row_bytes + (dh_row_bytes if dh_in_smem
+                                           else 0))
+    stages = min(_MAX_STAGES, room // per_stage)
+    if stages >= min_stages:
+      return Config(vec=vec, block_rows=block_rows, stages=stages,
+                    ctas_per_sm=ctas_per_sm,
+                    scale_in_smem=scale_in_smem or not scale_bytes,
+                    dh_in_smem=dh_in_smem or not dh_row_bytes)
+  raise NotImplementedError(
+      f"a row of {n} elements ({row_bytes} bytes of operands in shared "
+      f"memory, plus {fixed_bytes}) does not fit in the "
+      f"{smem_budget(1)} bytes of shared memory of one CTA")

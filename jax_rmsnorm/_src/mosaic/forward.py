@@ -1,0 +1,259 @@
+"""The forward RMSNorm kernel (optionally fused with a residual add): Pallas
+on the Mosaic GPU backend (`plgpu.kernel`, Hopper)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jax_rmsnorm._src import avals
+from jax_rmsnorm._src import platform
+from jax_rmsnorm._src.mosaic import common
+from jax_rmsnorm._src.mosaic import config as mosaic_config
+from jax_rmsnorm._src.reference import ForwardOutputs
+
+logger = logging.getLogger("jax_rmsnorm")
+
+KERNEL_NAME = "jax_rmsnorm_mosaic_fwd"
+
+
+def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
+                    ctas: int, eps: float, offset: float, has_residual: bool,
+                    has_scale: bool, save_rstd: bool, round_normalized: bool,
+                    y_in_place: bool, interpret: bool):
+  """CTA c normalizes the row blocks c, c + ctas, ... (common.Blocks),
+  `config.stages` of them in shared memory at once (common.pipeline).
+
+  Refs: x, [residual], [scale], y, [h], [rstd] in GMEM; then the SMEM
+  buffers x (stages, rows, n), [residual], [y], [scale (when
+  config.scale_in_smem: copied once per CTA)], the load barriers (one a
+  stage) and [the scale's barrier]. With a residual, h = x + residual
+  rounded to residual's dtype is written over the residual's buffer, and
+  that is the row normalized; y is written over x's buffer when it has x's
+  dtype (`y_in_place`).
+
+  A block is read from shared memory twice, chunk by chunk: the first pass
+  sums the squares (elementwise over the chunks, then one reduction per
+  row), the second writes y. Every read of HBM happens once, by TMA.
+  """
+  refs = list(refs)
+  x_gmem = refs.pop(0)
+  r_gmem = refs.pop(0) if has_residual else None
+  w_gmem = refs.pop(0) if has_scale else None
+  y_gmem = refs.pop(0)
+  h_gmem = refs.pop(0) if has_residual else None
+  rstd_gmem = refs.pop(0) if save_rstd else None
+  x_smem = refs.pop(0)
+  r_smem = refs.pop(0) if has_residual else None
+  y_smem = x_smem if y_in_place else refs.pop(0)
+  w_smem = refs.pop(0) if has_scale and config.scale_in_smem else None
+  barrier = refs.pop(0)
+  w_barrier = refs.pop(0) if w_smem is not None else None
+  assert not refs, refs
+
+  rows, vec = config.block_rows, config.vec
+  chunks = common.Chunks(n, config.chunk_cols)
+  cols = chunks.cols
+  shape = (rows, cols)
+  layout = common.chunk_layout(vec)
+  io = common.ChunkIO(rows, cols, vec, interpret)
+  f32 = jnp.float32
+  norm_dtype = x_smem.dtype if r_smem is None else r_smem.dtype
+
+  def scale_of(k):
+    """offset + scale of chunk k, float32, broadcast over the rows."""
+    window = pl.ds(chunks.start(k), cols)
+    if w_smem is not None:
+      w = common.load(w_smem.at[window], common.column_layout(vec),
+                      interpret)
+    else:
+      w = common.load_gmem(w_gmem.at[window], common.column_layout(vec),
+                           interpret)
+    w = jnp.float32(offset) + w.astype(f32)
+    return common.with_layout(lax.broadcast_in_dim(w, shape, (1,)), layout,
+                              interpret)
+
+  def tail_mask(value):
+    """Zero the columns the tail shares with the chunk before it."""
+    col = common.iota(shape, 1, layout, interpret)
+    return jnp.where(col >= chunks.overlap, value, jnp.zeros_like(value))
+
+  def compute(step, slot, start):
+    del step
+    x_s = x_smem.at[slot]
+    r_s = r_smem.at[slot] if r_smem is not None else None
+    y_s = y_smem.at[slot]
+    # The tail (if any) is visited first and written last (common.Chunks):
+    # `held` keeps its result meanwhile. Written in place, it is fenced on
+    # both sides: its reads before the chunk it overlaps is overwritten (by
+    # other threads), its write after every thread read that chunk.
+    held = []
+    y_over_x = y_in_place and r_s is None
+
+    # Pass 1: the sum of squares of each row (and h, with a residual),
+    # elementwise over the chunks, then one reduction per row.
+    def squares(k, acc):
+      v = io.get(x_s, chunks.start(k))
+      if r_s is not None:
+        h = v + io.get(r_s, chunks.start(k))
+        if chunks.is_tail(k):
+          held.append(h)
+          common.sync()  # Read before the chunk it overlaps is overwritten.
+        else:
+          io.put(r_s, chunks.start(k), h)
+        v = common.round_trip(h, norm_dtype, interpret)
+      sq = v * v
+      if chunks.is_tail(k):
+        sq = tail_mask(sq)
+      return sq if acc is None else acc + sq
+
+    acc = chunks.visit(squares)
+    if held:
+      common.sync()
+      io.put(r_s, chunks.tail_start, held.pop())
+    mean_sq = jnp.sum(acc, axis=1) / jnp.float32(n)
+    rstd = lax.rsqrt(mean_sq + jnp.float32(eps))
+    if rstd_gmem is not None:
+      common.store_rows(rstd_gmem, start, rstd)
+    if r_s is not None:
+      common.sync()  # h, written by every thread, is read back below.
+    rstd = common.with_layout(lax.broadcast_in_dim(rstd, shape, (0,)),
+                              layout, interpret)
+
+    # Pass 2: y.
+    src = x_s if r_s is None else r_s
+
+    def normalize(k, carry):
+      y = io.get(src, chunks.start(k)) * rstd
+      if round_normalized:
+        y = common.round_trip(y, norm_dtype, interpret)
+      if w_gmem is not None:
+        y = y * scale_of(k)
+      if chunks.is_tail(k):
+        held.append(y)
+        if y_over_x:
+          common.sync()
+      else:
+        io.put(y_s, chunks.start(k), y)
+      return carry
+
+    chunks.visit(normalize, ())
+    if held:
+      if y_over_x:
+        common.sync()
+      io.put(y_s, chunks.tail_start, held.pop())
+
+  blocks = common.Blocks(m, rows, ctas)
+
+  def load_block(step, slot, start):
+    del step
+    block = pl.ds(start, rows)
+    common.copy_in(x_gmem.at[block], x_smem.at[slot], barrier.at[slot])
+    if r_gmem is not None:
+      common.copy_in(r_gmem.at[block], r_smem.at[slot], barrier.at[slot])
+
+  def store_block(step, slot, start):
+    del step
+    block = pl.ds(start, rows)
+    outs = [(y_smem, y_gmem)] + ([(r_smem, h_gmem)] if h_gmem is not None
+                                 else [])
+    for i, (src, dst) in enumerate(outs):
+      common.store_out(src.at[slot], dst.at[block],
+                       last=i == len(outs) - 1)
+
+  cta = lax.axis_index("ctas")
+  if w_smem is not None:
+    common.copy_in(w_gmem, w_smem, w_barrier.at[0])
+  common.pipeline(
+      blocks, cta, config.stages, barrier, load=load_block, compute=compute,
+      store=store_block,
+      before_loop=(None if w_smem is None
+                   else lambda: plgpu.barrier_wait(w_barrier.at[0])))
+
+
+def forward(x: jax.Array, residual: jax.Array | None,
+            scale: jax.Array | None, *, epsilon: float, scale_offset: float,
+            out_dtype=None, cast_order: str = "float32",
+            save_rstd: bool = False, interpret: bool = False,
+            config: mosaic_config.Config | None = None) -> ForwardOutputs:
+  """RMSNorm of validated, non-empty `x` (plus `residual`) in one kernel.
+
+  Raises NotImplementedError past the kernel's limits
+  (`common.check_supported`).
+  """
+  n = x.shape[-1]
+  m = x.size // n
+  # Plain raises guard the kernel even with chex asserts disabled.
+  if scale is not None and scale.shape != (n,):
+    raise ValueError(f"{scale.shape=} must be ({n},)")
+  if residual is not None and residual.shape != x.shape:
+    raise ValueError(f"{residual.shape=} must equal {x.shape=}")
+  common.check_supported(m, n, x.dtype)
+  norm_dtype = x.dtype if residual is None else residual.dtype
+  y_dtype = jnp.dtype(out_dtype or norm_dtype)
+  y_in_place = y_dtype == x.dtype
+  tiles = [x.dtype] + ([residual.dtype] if residual is not None else []) + (
+      [] if y_in_place else [y_dtype])
+  if residual is not None:
+    common.check_supported(m, n, residual.dtype)
+  if not y_in_place:
+    common.check_supported(m, n, y_dtype)
+  if scale is not None:
+    scale = common.aligned_scale(scale)
+  multiple = max(mosaic_config.row_multiple(n, jnp.dtype(d).itemsize)
+                 for d in tiles[:1 + (residual is not None)])
+  if config is None:
+    config = mosaic_config.get_config(
+        n, n * sum(jnp.dtype(d).itemsize for d in tiles),
+        max(jnp.dtype(d).itemsize
+            for d in tiles + ([] if scale is None else [scale.dtype])),
+        0, multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
+        device_kind=platform.device_kind())
+  scale_in_smem = scale is not None and config.scale_in_smem
+  config = config.for_rows(m, multiple, platform.sm_count())
+  ctas = config.num_ctas(m, platform.sm_count())
+  logger.debug("rms_norm mosaic forward: rows=%d n=%d dtype=%s residual=%s "
+               "ctas=%d %s", m, n, x.dtype, residual is not None, ctas, config)
+  rows = config.block_rows
+  args = [x.reshape(m, n)]
+  if residual is not None:
+    args.append(residual.reshape(m, n))
+  if scale is not None:
+    args.append(scale)
+  like = (x, residual, scale)
+  out_type = [avals.out_struct((m, n), y_dtype, *like)]
+  if residual is not None:
+    out_type.append(avals.out_struct((m, n), residual.dtype, *like))
+  if save_rstd:
+    out_type.append(avals.out_struct((m,), jnp.float32, *like))
+  stage = (config.stages, rows, n)
+  scratch = [common.scratch(stage, x.dtype)]
+  if residual is not None:
+    scratch.append(common.scratch(stage, residual.dtype))
+  if not y_in_place:
+    scratch.append(common.scratch(stage, y_dtype))
+  if scale_in_smem:
+    scratch.append(common.scratch(scale.shape, scale.dtype))
+  scratch.append(common.barriers(config.stages, 1 + (residual is not None)))
+  if scale_in_smem:
+    scratch.append(common.barriers(1, 1))
+  kernel = functools.partial(
+      _forward_kernel, m=m, n=n, config=config, ctas=ctas, eps=epsilon,
+      offset=scale_offset, has_residual=residual is not None,
+      has_scale=scale is not None, save_rstd=save_rstd,
+      round_normalized=cast_order == "hf", y_in_place=y_in_place,
+      interpret=bool(interpret))
+  outs = common.launch(kernel, name=KERNEL_NAME, out_type=out_type,
+                       scratch_types=scratch, ctas=ctas,
+                       interpret=interpret)(*args)
+  outs = list(outs)
+  y = outs.pop(0).reshape(x.shape)
+  h = outs.pop(0).reshape(x.shape) if residual is not None else None
+  rstd = outs.pop(0).reshape(x.shape[:-1]) if save_rstd else None
+  return ForwardOutputs(y, h, rstd)

@@ -1,0 +1,355 @@
+"""The Mosaic GPU kernels on a CPU machine: Mosaic GPU interpret mode against
+the float64 oracle, and the CUDA lowering (which enforces the GPU's rules:
+TMA sizes and alignment, shared memory, layouts) without a GPU.
+
+Interpret mode emulates the TMA copies, barriers and shared memory of a
+`plgpu.kernel`, one warpgroup as one thread: it proves indexing, pipelining
+and arithmetic, not the absence of races between the threads of a
+warpgroup (those were checked on an H200 with benchmarks/mosaic_smoke.py).
+The lowering tests prove the kernels compile to a Mosaic GPU custom call
+for every width claimed supported, with the kernel name once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_rmsnorm
+from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import reference
+from jax_rmsnorm._src import testing
+from jax_rmsnorm._src.mosaic import backward as mosaic_backward
+from jax_rmsnorm._src.mosaic import common
+from jax_rmsnorm._src.mosaic import config as mosaic_config
+from jax_rmsnorm._src.mosaic import forward as mosaic_forward
+
+EPS = 1e-6
+requires_interpret = pytest.mark.skipif(
+    not common.interpret_available(),
+    reason=f"JAX {jax.__version__} has no Mosaic GPU interpret mode")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter():
+  yield
+  # The interpreter keeps global state that a kernel that raised leaves
+  # behind; reset it so one failure does not fail the tests after it.
+  common.reset_interpreter()
+
+
+def _inputs(seed, shape, dtype, scale_dtype=None, residual_dtype=None):
+  x, scale = testing.random_inputs(seed, shape, dtype, scale_dtype)
+  residual = None
+  if residual_dtype is not None:
+    residual = testing.random_inputs(seed + 1, shape, residual_dtype)[0]
+  return x, scale, residual
+
+
+def _f64(a) -> np.ndarray:
+  return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def _assert_close(y, ref, dtype, n):
+  excess, where = testing.worst_excess(y, ref, dtype, n)
+  assert excess <= 0, (excess, where)
+
+
+def _assert_grads_close(dx, dscale, grads, dtype, n, rows):
+  """dx against the oracle in x's dtype; float32 d(scale) (not yet rounded
+  to scale's dtype) against its sum of `rows` terms."""
+  if hasattr(testing, "grads_excess"):  # Elementwise bounds.
+    worst = testing.grads_excess(dx, dscale, grads, dtype, jnp.float32)
+    assert worst.excess <= 0, worst
+    return
+  err = testing.relative_error(dx, grads.dx, grads.dx_size)
+  assert err <= testing.grad_tolerance(dtype, n), err
+  if dscale is not None:
+    err = testing.relative_error(dscale, grads.dscale, grads.dscale_size)
+    assert err <= testing.scale_grad_tolerance(jnp.float32, rows, n), err
+
+
+# (shape, x dtype, residual dtype, scale dtype, offset, out dtype, order).
+FORWARD_CASES = [
+    ((5, 896), "bfloat16", None, "bfloat16", 0.0, None, "float32"),
+    ((3, 1152), "float16", None, "float32", 1.0, None, "hf"),
+    ((13, 1000), "bfloat16", "bfloat16", "bfloat16", 0.0, None, "float32"),
+    ((2, 5, 3072), "bfloat16", "float32", "bfloat16", 0.0, None, "hf"),
+    ((9, 5120), "float32", "float32", "float32", 0.0, "bfloat16", "hf"),
+    ((2, 14336), "bfloat16", None, None, 0.0, None, "float32"),
+    ((1, 4096), "bfloat16", None, "bfloat16", 0.0, "float32", "float32"),
+    ((4, 256), "float32", None, None, 0.0, None, "float32"),
+]
+
+
+@requires_interpret
+@pytest.mark.parametrize("shape,dtype,res_dtype,scale_dtype,offset,out_dtype,"
+                         "cast_order", FORWARD_CASES, ids=str)
+def test_forward_matches_oracle(shape, dtype, res_dtype, scale_dtype, offset,
+                                out_dtype, cast_order):
+  x, scale, residual = _inputs(1, shape, dtype, scale_dtype, res_dtype)
+  if scale_dtype is None:
+    scale = None
+  n = shape[-1]
+  kwargs = dict(epsilon=EPS, scale_offset=offset, out_dtype=out_dtype,
+                cast_order=cast_order, save_rstd=True)
+  fn = jax.jit(functools.partial(mosaic_forward.forward, interpret=True,
+                                 **kwargs))
+  y, h, rstd = fn(x, residual, scale)
+  norm_dtype = dtype if residual is None else res_dtype
+  assert y.dtype == jnp.dtype(out_dtype or norm_dtype) and y.shape == shape
+  assert rstd.dtype == jnp.float32 and rstd.shape == shape[:-1]
+  if residual is None:
+    assert h is None
+    normed = x
+  else:  # h is x + residual in float32, rounded once: exactly XLA's.
+    np.testing.assert_array_equal(np.asarray(h),
+                                  np.asarray(reference.residual_add(x,
+                                                                    residual)))
+    normed = h
+  if cast_order == "hf":
+    # The normalized value is rounded to norm_dtype before the scale: the
+    # reference's contract, checked against it (one rounding more than the
+    # oracle models).
+    ref = reference.forward(x, residual, scale, **kwargs).y
+    _assert_close(y, _f64(ref), y.dtype, n)
+  else:
+    ref = testing.oracle(_f64(normed), None if scale is None else _f64(scale),
+                         EPS, offset)
+    _assert_close(y, ref, y.dtype, n)
+  xf = _f64(normed)
+  rstd_ref = 1 / np.sqrt(np.mean(xf * xf, -1) + EPS)
+  np.testing.assert_allclose(_f64(rstd), rstd_ref, rtol=testing.tolerance(
+      jnp.float32, n))
+
+
+# (shape, x dtype, dy dtype, dh, scale dtype, offset, cast order).
+BACKWARD_CASES = [
+    ((5, 896), "bfloat16", "bfloat16", False, "bfloat16", 0.0, "float32"),
+    ((13, 1000), "bfloat16", "bfloat16", True, "float32", 0.0, "float32"),
+    ((9, 5120), "float32", "float32", False, "float32", 1.0, "hf"),
+    ((3, 4096), "float16", "float16", True, None, 0.0, "float32"),
+    ((1, 8192), "bfloat16", "bfloat16", False, "bfloat16", 0.0, "hf"),
+    ((6, 2048), "bfloat16", "float32", False, "bfloat16", 0.0, "float32"),
+]
+
+
+@requires_interpret
+@pytest.mark.parametrize("shape,dtype,dy_dtype,has_dh,scale_dtype,offset,"
+                         "cast_order", BACKWARD_CASES, ids=str)
+def test_backward_matches_oracle(shape, dtype, dy_dtype, has_dh, scale_dtype,
+                                 offset, cast_order):
+  x, scale, _ = _inputs(2, shape, dtype, scale_dtype)
+  if scale_dtype is None:
+    scale = None
+  dy = testing.random_inputs(3, shape, dy_dtype)[0]
+  dh = testing.random_inputs(4, shape, dtype)[0] if has_dh else None
+  rstd = reference.forward(x, None, scale, epsilon=EPS, scale_offset=offset,
+                           save_rstd=True).rstd
+  fn = jax.jit(functools.partial(mosaic_backward.backward, scale_offset=offset,
+                                 cast_order=cast_order, interpret=True))
+  dx, dscale = fn(x, dy, dh, scale, rstd)
+  assert dx.dtype == x.dtype and dx.shape == shape
+  if scale is None:
+    assert dscale is None
+  else:
+    assert dscale.dtype == jnp.float32 and dscale.shape == shape[-1:]
+  # The oracle's scale is offset + scale; its offset argument adds it.
+  grads = testing.oracle_grad(
+      x, scale, dy, EPS, offset,
+      round_normalized_to=x.dtype if cast_order == "hf" else None, dh=dh)
+  _assert_grads_close(dx, dscale, grads, dtype, shape[-1], x.size // shape[-1])
+
+
+@requires_interpret
+@pytest.mark.parametrize("n,dtype,rows", [
+    (896, "bfloat16", 1),    # one row: the 1-D chunk path against 2-D
+    (1000, "bfloat16", 8),   # the overlapping tail chunk
+    (5120, "float32", 2),    # the chunk loop
+], ids=str)
+def test_rows_do_not_depend_on_the_batch(n, dtype, rows):
+  """A row's bits (y, rstd, dx) are the same alone as among others."""
+  x, scale, _ = _inputs(5, (16, n), dtype)
+  dy = testing.random_inputs(6, (16, n), dtype)[0]
+  fwd = jax.jit(functools.partial(mosaic_forward.forward, epsilon=EPS,
+                                  scale_offset=0.0, save_rstd=True,
+                                  interpret=True))
+  bwd = jax.jit(functools.partial(mosaic_backward.backward, scale_offset=0.0,
+                                  interpret=True))
+  y, _, rstd = fwd(x, None, scale)
+  y_few, _, rstd_few = fwd(x[:rows], None, scale)
+  np.testing.assert_array_equal(np.asarray(y_few), np.asarray(y[:rows]))
+  np.testing.assert_array_equal(np.asarray(rstd_few), np.asarray(rstd[:rows]))
+  dx = bwd(x, dy, None, scale, rstd)[0]
+  dx_few = bwd(x[:rows], dy[:rows], None, scale, rstd[:rows])[0]
+  np.testing.assert_array_equal(np.asarray(dx_few), np.asarray(dx[:rows]))
+
+
+@requires_interpret
+def test_public_api_runs_the_mosaic_kernels():
+  """rms_norm / add_rms_norm with implementation='mosaic' under jit and
+  grad, through dispatch and the custom_vjp. One row (a 1-D x): with
+  leading axes the ops go through custom_partitioning, which cannot lower
+  the interpreter's ordered io_callbacks (KeyError: OrderedIOEffect) where
+  it is not bypassed (one device)."""
+  x, scale, residual = _inputs(7, (1024,), "bfloat16", "float32", "bfloat16")
+  norm = functools.partial(jax_rmsnorm.rms_norm, implementation="mosaic",
+                           interpret=True)
+  y = jax.jit(norm)(x, scale)
+  _assert_close(y, testing.oracle(x, scale), "bfloat16", 1024)
+  y2, h = jax.jit(functools.partial(jax_rmsnorm.add_rms_norm,
+                                    implementation="mosaic",
+                                    interpret=True))(x, residual, scale)
+  _assert_close(y2, testing.oracle(h, scale), "bfloat16", 1024)
+
+  dy = testing.random_inputs(8, x.shape, "float32")[0]
+
+  def loss(x, scale):
+    return jnp.sum(norm(x, scale).astype(jnp.float32) * dy)
+  dx, dscale = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale)
+  # y's cotangent is dy in y's dtype (bfloat16).
+  grads = testing.oracle_grad(x, scale, dy.astype(jnp.bfloat16), EPS)
+  dx_err = testing.relative_error(dx, grads.dx, np.linalg.norm(grads.dx))
+  assert dx_err < 1e-2, dx_err  # bf16 dx: about an ulp in norm.
+  dscale_err = testing.relative_error(dscale, grads.dscale,
+                                      np.linalg.norm(grads.dscale))
+  assert dscale_err < 1e-5, dscale_err  # float32 products, rounded once.
+
+
+@requires_interpret
+def test_kernel_under_vmap():
+  """vmap of the forward: plgpu.kernel's own batching of the launch."""
+  x, scale, _ = _inputs(9, (3, 2, 1024), "bfloat16")
+  fwd = functools.partial(mosaic_forward.forward, epsilon=EPS,
+                          scale_offset=0.0, interpret=True)
+  y = jax.jit(jax.vmap(lambda x: fwd(x, None, scale).y))(x)
+  _assert_close(y, testing.oracle(x, scale), "bfloat16", 1024)
+
+
+# ---------------------------------------------------------------------------
+# Limits.
+
+HIDDEN_SIZES = [896, 1152, 2048, 3072, 4096, 5120, 8192, 14336, 16384]
+
+
+@pytest.mark.parametrize("n", HIDDEN_SIZES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_hidden_sizes_are_supported(n, dtype):
+  for m in (1, 4096):
+    common.check_supported(m, n, dtype)
+    common.check_supported(m, n, dtype, backward=True)
+  common.check_supported(1, n)  # Any dtype.
+
+
+@pytest.mark.parametrize("m,n,dtype,reason", [
+    (4, 4099, "bfloat16", "16-byte"),      # rows not 16-byte aligned
+    (4, 4098, "float32", "16-byte"),
+    (4, 64, "bfloat16", "chunk"),           # shorter than one chunk
+    (3, 1000, "bfloat16", "multiple of 8"),  # 128-byte copies need 8 rows
+    (2, 1 << 16, "float32", "shared memory"),
+])
+def test_unsupported_shapes_are_refused_with_a_reason(m, n, dtype, reason):
+  with pytest.raises(NotImplementedError, match=reason):
+    common.check_supported(m, n, dtype, backward=True)
+
+
+def test_forward_refuses_what_check_supported_refuses():
+  x = jnp.zeros((4, 4099), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="16-byte"):
+    mosaic_forward.forward(x, None, None, epsilon=EPS, scale_offset=0.0)
+
+
+def test_config_is_a_function_of_the_row():
+  """Everything that shapes a row's arithmetic (vec, hence chunks and
+  reduction order) depends on n and the dtypes; rows per block shrink for
+  few rows only."""
+  config = mosaic_config.get_config(4096, 8192, 2, 0, 1, 8192)
+  assert config.vec == 8 and config.chunk_cols == 1024
+  few = config.for_rows(3, 1, sm_count=132)
+  assert few.vec == config.vec and few.block_rows == 1
+  assert mosaic_config.pick_vec(896, 2) == 4    # 2 chunks, the 2nd a tail
+  assert mosaic_config.pick_vec(5120, 4) == 4
+  assert mosaic_config.row_multiple(4096) == 1
+  assert mosaic_config.row_multiple(1000) == 8
+
+
+# ---------------------------------------------------------------------------
+# CUDA lowering without a GPU.
+
+def _abstract_h100():
+  if not hasattr(jax.sharding, "AbstractDevice"):  # JAX 0.10
+    return contextlib.nullcontext()
+  device = jax.sharding.AbstractDevice(
+      device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("d",), abstract_device=device)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
+def _lower_for_cuda(fn, *args) -> str:
+  with _abstract_h100():
+    return jax.jit(fn).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.fixture
+def _sm90_grid(monkeypatch):
+  # A GPU's grid (132 SMs, not interpret mode's 2): the real launch.
+  monkeypatch.setattr(platform, "on_cuda_gpu", lambda: True)
+
+
+def _assert_one_kernel(text: str, name: str) -> None:
+  """One Mosaic GPU custom call, and it is the named kernel (a silent
+  fallback to XLA, or a second launch, fails)."""
+  calls = [l for l in text.splitlines() if "custom_call" in l]
+  assert len(calls) == 1, [c[:200] for c in calls]
+  assert "mosaic_gpu" in calls[0] and name in calls[0], calls[0][:200]
+
+
+def _struct(shape, dtype):
+  return None if dtype is None else jax.ShapeDtypeStruct(shape, dtype)
+
+
+# (m, n, x dtype, residual dtype, scale dtype, out dtype): every hidden size
+# claimed, both dtypes, the residual, a scale of another dtype, out_dtype.
+LOWERING_CASES = [
+    (32768, 896, "bfloat16", None, "bfloat16", None),
+    (4096, 1152, "float16", "float16", "float32", None),
+    (8192, 3072, "bfloat16", "bfloat16", "bfloat16", None),
+    (32768, 4096, "bfloat16", None, "bfloat16", None),
+    (8192, 5120, "float32", None, "float32", "bfloat16"),
+    (16384, 8192, "bfloat16", "float32", "bfloat16", None),
+    (4096, 14336, "bfloat16", None, "float32", None),
+    (4096, 14336, "float32", "float32", "float32", None),
+    (64, 16384, "float32", "float32", "float32", "bfloat16"),
+    (1, 8192, "bfloat16", None, "bfloat16", None),
+    (16, 1000, "bfloat16", None, "bfloat16", None),
+]
+
+
+@pytest.mark.usefixtures("_sm90_grid")
+@pytest.mark.parametrize("m,n,dtype,res_dtype,scale_dtype,out_dtype",
+                         LOWERING_CASES, ids=str)
+def test_kernels_lower_for_cuda(m, n, dtype, res_dtype, scale_dtype,
+                                out_dtype):
+  x = _struct((m, n), dtype)
+  residual = _struct((m, n), res_dtype)
+  scale = _struct((n,), scale_dtype)
+  fwd = functools.partial(mosaic_forward.forward, epsilon=EPS,
+                          scale_offset=0.0, out_dtype=out_dtype,
+                          cast_order="hf", save_rstd=True)
+  _assert_one_kernel(_lower_for_cuda(fwd, x, residual, scale),
+                     mosaic_forward.KERNEL_NAME)
+
+  normed = residual if residual is not None else x
+  dy = _struct((m, n), out_dtype or normed.dtype)
+  dh = None if residual is None else normed
+  rstd = _struct((m,), "float32")
+  bwd = functools.partial(mosaic_backward.backward, scale_offset=1.0,
+                          cast_order="hf")
+  _assert_one_kernel(_lower_for_cuda(bwd, normed, dy, dh, scale, rstd),
+                     mosaic_backward.KERNEL_NAME)
