@@ -353,3 +353,32 @@ def test_kernels_lower_for_cuda(m, n, dtype, res_dtype, scale_dtype,
                           cast_order="hf")
   _assert_one_kernel(_lower_for_cuda(bwd, normed, dy, dh, scale, rstd),
                      mosaic_backward.KERNEL_NAME)
+
+
+@pytest.mark.skipif(not platform.on_cuda_gpu() or (
+    platform.compute_capability() or 0) < 9.0,
+                    reason="compiled Mosaic GPU kernels need a Hopper GPU")
+@pytest.mark.parametrize("m,n,dtype", [
+    (2048, 4096, "bfloat16"), (256, 4096, "bfloat16"), (16, 4096, "bfloat16"),
+    (13, 5120, "bfloat16"), (128, 14336, "bfloat16"), (600, 896, "bfloat16"),
+    (2048, 4096, "float32"), (97, 1152, "float16")], ids=str)
+def test_compiled_kernels_match_oracle(m, n, dtype):
+  """The compiled Mosaic forward (with a residual) and backward through the
+  public API, against the float64 oracle, on the GPU."""
+  x, scale, residual = _inputs(m + n, (m, n), dtype, "float32", dtype)
+  dy = testing.random_inputs(m + n + 7, (m, n), dtype)[0]
+  kernel = dict(implementation="mosaic")
+  y = jax.jit(lambda x, s: jax_rmsnorm.rms_norm(x, s, **kernel))(x, scale)
+  _assert_close(y, testing.oracle(x, scale), dtype, n)
+  y, h = jax.jit(lambda x, r, s: jax_rmsnorm.add_rms_norm(x, r, s, **kernel))(
+      x, residual, scale)
+  _assert_close(y, testing.oracle(h, scale), dtype, n)
+
+  def loss(x, s):
+    return jnp.sum(jax_rmsnorm.rms_norm(x, s, **kernel).astype(jnp.float32)
+                   * dy.astype(jnp.float32))
+
+  dx, dscale = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale)
+  worst = testing.grads_excess(dx, dscale, testing.oracle_grad(x, scale, dy),
+                               dtype, "float32")
+  assert worst.excess <= 0, worst
