@@ -1,13 +1,14 @@
 """Writes the automatic choice's table from benchmark records of one card.
 
-For each op the package chooses for (forward, backward, quant) and each shape
+For each op the package chooses for (forward, backward, quant with dynamic
+and quant-static with static scales) and each shape
 class (`speed_table.shape_class`: dtype, decode/small/large rows,
 aligned/unaligned N), the table names the implementation to run on that GPU
 generation: the kernel family with the lowest geometric-mean time over the
 class's shapes among those never slower than XLA on any of them, else XLA.
 The backward is chosen from the `step` records (y, dx and d(scale) from one
-jit: what a training step pays), the quantized output from the `quant*`
-records, the forward from `forward`.
+jit: what a training step pays), the quantized outputs from the `quant*`
+records (with and without the residual), the forward from `forward`.
 
   python -m benchmarks.speed_table benchmarks/results/*_NVIDIA_H200.json
 
@@ -28,7 +29,8 @@ from jax_rmsnorm._src import speed_table
 
 # The package's op <- the benchmark ops that measure it.
 SOURCES = {"forward": ("forward",), "backward": ("step",),
-           "quant": tuple(op for op in bench.OPS if op.startswith("quant"))}
+           "quant": ("quant", "quant-residual"),
+           "quant-static": ("quant-static", "quant-static-residual")}
 
 
 def choose(rows: list[dict]) -> tuple[str, dict]:

@@ -382,3 +382,31 @@ def test_compiled_kernels_match_oracle(m, n, dtype):
   worst = testing.grads_excess(dx, dscale, testing.oracle_grad(x, scale, dy),
                                dtype, "float32")
   assert worst.excess <= 0, worst
+
+
+@requires_interpret
+def test_triton_forward_with_mosaic_backward():
+  """The automatic choice may pair one family's forward with another's
+  backward (the speed table picks each per op): they share the residuals'
+  contract (x or h, scale, a float32 rstd of x.shape[:-1])."""
+  from jax_rmsnorm._src import dispatch
+  from jax_rmsnorm._src import validation
+  x, scale, residual = _inputs(3, (2, 8, 512), "bfloat16", "float32",
+                               "bfloat16")
+  dy = testing.random_inputs(4, (2, 8, 512), "bfloat16")[0]
+  opts = validation.Options(EPS, 0.0, None, "float32")
+  plan = dispatch.Plan((("forward", "triton"), ("backward", "mosaic")),
+                       auto=False, interpret=True)
+
+  def loss(x, r, s):
+    y, h = dispatch.execute(plan, x, r, s, opts)
+    return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32)
+                   + h.astype(jnp.float32))
+
+  dx, dres, dscale = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
+      x, residual, scale)
+  h = np.asarray(reference.residual_add(x, residual))
+  ref = testing.oracle_grad(h, scale, dy, dh=np.ones(h.shape))
+  for d in (dx, dres):
+    worst = testing.grads_excess(d, dscale, ref, "bfloat16", "float32")
+    assert worst.excess <= 0, worst

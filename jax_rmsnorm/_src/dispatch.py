@@ -51,8 +51,8 @@ _KERNEL_MODULES = {
                    common="jax_rmsnorm._src.mosaic.common"),
 }
 # The reference's function per op: the CPU side of every automatic choice.
-_REFERENCE = dict(forward=reference.forward, backward=reference.backward,
-                  quant=quantize.reference)
+_REFERENCE = {"forward": reference.forward, "backward": reference.backward,
+              "quant": quantize.reference, "quant-static": quantize.reference}
 # The automatic choice's order of kernels after the table's own.
 _KERNEL_PREFERENCE = ("mosaic", "triton")
 _warned: set[str] = set()
@@ -66,10 +66,10 @@ def _warn_once(message: str) -> None:
 
 @functools.cache
 def _module(name: str, op: str):
-  """The module of kernel family `name` for `op`; NotImplementedError where
-  there is none, or this JAX lacks what it needs (a future JAX may remove
-  Pallas's Triton backend)."""
-  path = _KERNEL_MODULES[name].get(op)
+  """The module of kernel family `name` for `op` (one quantized kernel serves
+  both quantized ops); NotImplementedError where there is none, or this JAX
+  lacks what it needs (a future JAX may remove Pallas's Triton backend)."""
+  path = _KERNEL_MODULES[name].get("quant" if op.startswith("quant") else op)
   if path is None:
     raise NotImplementedError(f"the {name!r} kernels have no {op} kernel")
   try:
@@ -119,7 +119,7 @@ def _check(name: str, op: str, problem: Problem, *, interpret: bool = False,
           "the 'mosaic' kernels need compute capability 9.0 or newer "
           f"(Hopper); this GPU is {platform.device_kind()!r}")
   module = _module(name, op)
-  if op == "quant":
+  if op.startswith("quant"):
     module.check_supported(problem.m, problem.n, problem.quant_dtype)
   else:
     _module(name, "common").check_supported(
@@ -227,6 +227,12 @@ def run(x, residual, scale, opts: validation.Options, *, names, fallback,
   p = plan(("forward", "backward"), Problem(x.size // n, n, x.dtype), names,
            fallback, interpret)
   logger.debug("rms_norm: %s for x %s %s", p, x.shape, x.dtype)
+  return execute(p, x, residual, scale, opts)
+
+
+def execute(p: Plan, x, residual, scale, opts: validation.Options):
+  """(y, h) by plan `p` (its forward and backward may be of different
+  families: they share the contract of `reference.forward`/`backward`)."""
   if p["forward"] == p["backward"] == "xla":
     # XLA's own autodiff of the reference: what XLA fuses best.
     out = reference.forward(x, residual, scale, **opts.forward_kwargs())
@@ -247,12 +253,15 @@ def run_quantized(x, residual, scale, quant_scale, opts: validation.Options,
   arrays; quant_scale None (dynamic), (1,) or (N,). Not differentiable."""
   n = x.shape[-1]
   problem = Problem(x.size // n, n, x.dtype, jnp.dtype(quant_dtype))
-  p = plan(("quant",), problem, names, fallback, interpret)
+  # Dynamic and static scales are separate ops to the speed table: XLA fuses
+  # a static quantization into its norm, not a dynamic one.
+  op = "quant" if quant_scale is None else "quant-static"
+  p = plan((op,), problem, names, fallback, interpret)
   logger.debug("rms_norm_quantized: %s for x %s %s", p, x.shape, x.dtype)
   static = dict(epsilon=opts.epsilon, scale_offset=opts.scale_offset,
                 cast_order=opts.cast_order, quant_dtype=quant_dtype)
-  if p["quant"] == "xla":
+  if p[op] == "xla":
     return tuple(quantize.reference(x, residual, scale,
                                     quant_scale=quant_scale, **static))
-  return partitioning.quantize(_local(p, "quant", static), x, residual,
-                               scale, quant_scale)
+  return partitioning.quantize(_local(p, op, static), x, residual, scale,
+                               quant_scale)

@@ -18,7 +18,7 @@ import numpy as np
 
 TABLE_PATH = pathlib.Path(__file__).parent / "data" / "speed_table.json"
 DEFAULT = "triton"
-OPS = ("forward", "backward", "quant")
+OPS = ("forward", "backward", "quant", "quant-static")
 
 
 def shape_class(m: int, n: int, dtype) -> str:
@@ -42,7 +42,7 @@ def _table() -> dict:
 
 
 def choose(op: str, generation: str | None, m: int, n: int, dtype) -> str:
-  """The implementation to run `op` ("forward", "backward", "quant") on a GPU
+  """The implementation to run `op` (one of OPS) on a GPU
   of `generation` (e.g. 'sm90'; None: not known here, as when exporting for
   CUDA from a CPU host)."""
   entries = _table().get("generations", {}).get(generation or "", {})
