@@ -364,8 +364,9 @@ def test_second_order_matches_float64(impl, shape, dtype):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_x64_mode(impl):
   """With jax_enable_x64: a float64 scale (x64's default dtype) is cast to
-  float32 inside and its gradient comes back in float64; forward, gradients
-  and add_rms_norm work in interpret mode and compiled."""
+  float32 inside and its gradient comes back in float64; forward, gradients,
+  add_rms_norm and the quantized output work in interpret mode and
+  compiled, with the bits they have without x64."""
   name, interpret = impl
   norm = functools.partial(jax_rmsnorm.rms_norm, implementation=name,
                            interpret=interpret)
@@ -385,8 +386,15 @@ def test_x64_mode(impl):
     _, h = jax.jit(functools.partial(jax_rmsnorm.add_rms_norm,
                                      implementation=name,
                                      interpret=interpret))(x, x, scale64)
+    y_q, row_scales = jax_rmsnorm.rms_norm_quantized(
+        x, scale64, implementation=name, interpret=interpret)
   finally:
     jax.config.update("jax_enable_x64", previous)
+  want_q, want_scales = jax_rmsnorm.rms_norm_quantized(
+      x, scale, implementation=name, interpret=interpret)
+  np.testing.assert_array_equal(np.asarray(y_q), np.asarray(want_q))
+  np.testing.assert_array_equal(np.asarray(row_scales),
+                                np.asarray(want_scales))
   assert y.dtype == jnp.bfloat16 and dscale.dtype == jnp.float64
   testing_close = testing.worst_excess(y, testing.oracle(x, scale),
                                        "bfloat16", 520)[0]

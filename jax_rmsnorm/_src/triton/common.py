@@ -39,6 +39,91 @@ def columns(ref, start, size: int):
   return ref.at[ds(0, ref.shape[0]), ds(start, size)]
 
 
+class RowBlock:
+  """The rows one program of a row-wise kernel handles: `block_rows` rows of
+  an (m, n) array, read as chunks of `block_cols` columns. Masks cover the
+  last, partial block of rows and chunk of columns; they are None where
+  nothing is out of bounds (known statically for a Python int chunk index),
+  so those loads and stores stay unmasked."""
+
+  def __init__(self, *, m: int, n: int, block_rows: int, block_cols: int):
+    self.m, self.n = m, n
+    self.block_rows, self.block_cols = block_rows, block_cols
+    self.shape = (block_rows, block_cols)
+    self.first_row = pl.program_id(0) * block_rows
+    self.rows = self.first_row + jax.lax.broadcasted_iota(
+        jnp.int32, self.shape, 0)
+    self.need_rows = m % block_rows != 0
+
+  def masks(self, k):
+    """(element mask, column mask) of chunk `k`."""
+    need_cols = not isinstance(k, int) or (k + 1) * self.block_cols > self.n
+    start = k * self.block_cols
+    mask = self.rows < self.m if self.need_rows else None
+    if need_cols:
+      cols = start + jax.lax.broadcasted_iota(jnp.int32, self.shape, 1)
+      mask = cols < self.n if mask is None else mask & (cols < self.n)
+    col_mask = None
+    if need_cols:
+      col_mask = start + jax.lax.iota(jnp.int32, self.block_cols) < self.n
+    return mask, col_mask
+
+  def chunk(self, ref, k):
+    return columns(ref, k * self.block_cols, self.block_cols)
+
+  def load(self, ref, k, mask):
+    if mask is None:
+      return plgpu.load(self.chunk(ref, k))
+    return plgpu.load(self.chunk(ref, k), mask=mask, other=0.0)
+
+  def store(self, ref, k, value, mask):
+    value = value.astype(ref.dtype)
+    if mask is None:
+      plgpu.store(self.chunk(ref, k), value)
+    else:
+      plgpu.store(self.chunk(ref, k), value, mask=mask)
+
+  def store_rows(self, ref, values):
+    """A (block_rows,) vector, one value per row, into a (m,) ref."""
+    if not self.need_rows:
+      plgpu.store(ref, values)
+      return
+    row_ids = self.first_row + jax.lax.iota(jnp.int32, self.block_rows)
+    plgpu.store(ref, values, mask=row_ids < self.m)
+
+  def load_normalized_input(self, k, x_ref, r_ref, h_ref, *, write_h: bool,
+                            interpret: bool):
+    """Chunk k of the row to normalize, as float32: x's, or with a residual
+    h = x + residual rounded to residual's dtype (written out when
+    `write_h`)."""
+    mask = self.masks(k)[0]
+    x = self.load(x_ref, k, mask).astype(jnp.float32)
+    if r_ref is None:
+      return x
+    h = x + self.load(r_ref, k, mask).astype(jnp.float32)
+    if write_h:
+      self.store(h_ref, k, h, mask)
+    return round_trip(h, r_ref.dtype, interpret)
+
+  def sum_squares(self, load_row, num_chunks: int, resident: bool):
+    """(the chunks held in registers, or None, and the (rows, block_cols)
+    elementwise sum of squares over the chunks). `resident` (or one chunk):
+    every chunk is loaded once and kept, one pass over HBM; otherwise a loop
+    that the caller's later passes repeat."""
+    if num_chunks == 1 or resident:
+      xs = [load_row(k, write_h=True) for k in range(num_chunks)]
+      sq = xs[0] * xs[0]
+      for x in xs[1:]:
+        sq = sq + x * x
+      return xs, sq
+
+    def step(k, acc):
+      x = load_row(k, write_h=True)
+      return acc + x * x
+    return None, jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step,
+                                   jnp.zeros(self.shape, jnp.float32))
+
+
 def check_supported(m: int, n: int, dtype=None, *,
                     backward: bool = False) -> None:
   """Raises NotImplementedError where the kernels cannot run (m rows of n,

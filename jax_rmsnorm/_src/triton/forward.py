@@ -9,7 +9,6 @@ import logging
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from jax_rmsnorm._src import avals
 from jax_rmsnorm._src import platform
@@ -44,86 +43,30 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
   y_ref = refs.pop(0)
   h_ref = refs.pop(0) if has_residual else None
   rstd_ref = refs.pop(0) if save_rstd else None
-  block_rows = x_ref.shape[0]
-  block_cols = x_ref.shape[1] // num_chunks
-  shape = (block_rows, block_cols)
-  first_row = pl.program_id(0) * block_rows
-  rows = first_row + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-  need_rows = m % block_rows != 0
-
-  def masks(k):
-    """Element and scale masks of chunk `k`; None where nothing is out of
-    bounds (known statically for a Python int `k`), so loads stay unmasked."""
-    static = isinstance(k, int)
-    need_cols = not static or (k + 1) * block_cols > n
-    cols = k * block_cols + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    scale_cols = k * block_cols + jax.lax.iota(jnp.int32, block_cols)
-    mask = None
-    if need_rows:
-      mask = rows < m
-    if need_cols:
-      mask = cols < n if mask is None else mask & (cols < n)
-    return mask, (scale_cols < n) if need_cols else None
-
-  def chunk(ref, k):
-    return common.columns(ref, k * block_cols, block_cols)
-
-  def load(ref, k, mask):
-    if mask is None:
-      return plgpu.load(chunk(ref, k))
-    return plgpu.load(chunk(ref, k), mask=mask, other=0.0)
-
-  def store(ref, k, value, mask):
-    if mask is None:
-      plgpu.store(chunk(ref, k), value.astype(ref.dtype))
-    else:
-      plgpu.store(chunk(ref, k), value.astype(ref.dtype), mask=mask)
-
-  def load_row(k, write_h):
-    """Chunk k of the row to normalize, as float32 (h's, with a residual)."""
-    mask = masks(k)[0]
-    x = load(x_ref, k, mask).astype(jnp.float32)
-    if r_ref is None:
-      return x
-    h = x + load(r_ref, k, mask).astype(jnp.float32)
-    if write_h:
-      store(h_ref, k, h, mask)
-    return common.round_trip(h, r_ref.dtype, interpret)
+  block = common.RowBlock(m=m, n=n, block_rows=x_ref.shape[0],
+                          block_cols=x_ref.shape[1] // num_chunks)
+  load_row = functools.partial(block.load_normalized_input, x_ref=x_ref,
+                               r_ref=r_ref, h_ref=h_ref, interpret=interpret)
 
   def write(k, x):
-    mask, scale_mask = masks(k)
+    mask, scale_mask = block.masks(k)
     y = x * rstd
     if round_normalized:
       y = common.round_trip(y, x_ref.dtype if r_ref is None else r_ref.dtype,
-                     interpret)
+                            interpret)
     if scale_ref is not None:
-      w = load(scale_ref, k, scale_mask).astype(jnp.float32)
+      w = block.load(scale_ref, k, scale_mask).astype(jnp.float32)
       y = y * (jnp.float32(offset) + w)[None, :]
-    store(y_ref, k, y, mask)
+    block.store(y_ref, k, y, mask)
 
-  if num_chunks == 1 or resident:
-    xs = [load_row(k, write_h=True) for k in range(num_chunks)]
-    sq = xs[0] * xs[0]
-    for x in xs[1:]:
-      sq = sq + x * x
-  else:
-    def sum_squares(k, acc):
-      x = load_row(k, write_h=True)
-      return acc + x * x
-    sq = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks),
-                           sum_squares, jnp.zeros(shape, jnp.float32))
+  xs, sq = block.sum_squares(load_row, num_chunks, resident)
   mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
   rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
   if rstd_ref is not None:  # The same arithmetic, as a vector of rows.
-    rstd_rows = jax.lax.rsqrt(jnp.sum(sq, axis=1) / jnp.float32(n)
-                              + jnp.float32(eps))
-    row_ids = first_row + jax.lax.iota(jnp.int32, block_rows)
-    if need_rows:
-      plgpu.store(rstd_ref, rstd_rows, mask=row_ids < m)
-    else:
-      plgpu.store(rstd_ref, rstd_rows)
+    block.store_rows(rstd_ref, jax.lax.rsqrt(
+        jnp.sum(sq, axis=1) / jnp.float32(n) + jnp.float32(eps)))
 
-  if num_chunks == 1 or resident:
+  if xs is not None:
     for k, x in enumerate(xs):
       write(k, x)
   else:

@@ -70,52 +70,10 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
   h_ref = refs.pop(0) if has_residual else None
   s_ref = refs.pop(0) if static is None else None
   block_rows = x_ref.shape[0]
-  block_cols = x_ref.shape[1] // num_chunks
-  shape = (block_rows, block_cols)
-  first_row = pl.program_id(0) * block_rows
-  rows = first_row + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-  need_rows = m % block_rows != 0
-
-  def masks(k):
-    """Element and per-column masks of chunk `k`; None where nothing is out
-    of bounds (known statically for a Python int `k`)."""
-    static_k = isinstance(k, int)
-    need_cols = not static_k or (k + 1) * block_cols > n
-    cols = k * block_cols + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    col_ids = k * block_cols + jax.lax.iota(jnp.int32, block_cols)
-    mask = None
-    if need_rows:
-      mask = rows < m
-    if need_cols:
-      mask = cols < n if mask is None else mask & (cols < n)
-    return mask, (col_ids < n) if need_cols else None
-
-  def chunk(ref, k):
-    if ref.ndim == 1:
-      return ref.at[pl.ds(k * block_cols, block_cols)]
-    return ref.at[:, pl.ds(k * block_cols, block_cols)]
-
-  def load(ref, k, mask):
-    if mask is None:
-      return plgpu.load(chunk(ref, k))
-    return plgpu.load(chunk(ref, k), mask=mask, other=0.0)
-
-  def store(ref, k, value, mask):
-    if mask is None:
-      plgpu.store(chunk(ref, k), value)
-    else:
-      plgpu.store(chunk(ref, k), value, mask=mask)
-
-  def load_row(k, write_h):
-    """Chunk k of the row to normalize, as float32 (h's, with a residual)."""
-    mask = masks(k)[0]
-    x = load(x_ref, k, mask).astype(jnp.float32)
-    if r_ref is None:
-      return x
-    h = x + load(r_ref, k, mask).astype(jnp.float32)
-    if write_h:
-      store(h_ref, k, h.astype(h_ref.dtype), mask)
-    return common.round_trip(h, r_ref.dtype, interpret)
+  block = common.RowBlock(m=m, n=n, block_rows=block_rows,
+                          block_cols=x_ref.shape[1] // num_chunks)
+  load_row = functools.partial(block.load_normalized_input, x_ref=x_ref,
+                               r_ref=r_ref, h_ref=h_ref, interpret=interpret)
 
   def normalized(k, x):
     """y of chunk k, float32, as reference.forward computes it."""
@@ -124,7 +82,7 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
       y = common.round_trip(y, x_ref.dtype if r_ref is None else r_ref.dtype,
                             interpret)
     if scale_ref is not None:
-      w = load(scale_ref, k, masks(k)[1]).astype(jnp.float32)
+      w = block.load(scale_ref, k, block.masks(k)[1]).astype(jnp.float32)
       y = y * (jnp.float32(offset) + w)[None, :]
     return y
 
@@ -132,35 +90,26 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
     return jnp.max(quantize.abs_nan_as_inf(y), axis=1, keepdims=True)
 
   def write(k, y):
-    mask, col_mask = masks(k)
+    mask, col_mask = block.masks(k)
     if static == "channel":
-      inv_k = load(inv_ref, k, col_mask)[None, :]
+      inv_k = block.load(inv_ref, k, col_mask)[None, :]
     else:
       inv_k = inv
-    store(q_ref, k, quantize.saturate_cast(y * inv_k, quant_dtype), mask)
+    block.store(q_ref, k, quantize.saturate_cast(y * inv_k, quant_dtype),
+                mask)
 
   # Pass 1: the sum of squares (and h).
-  if num_chunks == 1 or resident:
-    xs = [load_row(k, write_h=True) for k in range(num_chunks)]
-    sq = xs[0] * xs[0]
-    for x in xs[1:]:
-      sq = sq + x * x
-  else:
-    def sum_squares(k, acc):
-      x = load_row(k, write_h=True)
-      return acc + x * x
-    sq = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks),
-                           sum_squares, jnp.zeros(shape, jnp.float32))
+  xs, sq = block.sum_squares(load_row, num_chunks, resident)
   mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
   rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
-  if num_chunks == 1 or resident:
+  if xs is not None:
     ys = [normalized(k, x) for k, x in enumerate(xs)]
 
   # The scale: static (its reciprocal computed outside), or the row's amax.
   if static == "scalar":
     inv = plgpu.load(inv_ref)[None, :]           # (1, 1)
   elif static is None:
-    if num_chunks == 1 or resident:
+    if xs is not None:
       amax = chunk_amax(ys[0])
       for y in ys[1:]:
         amax = jnp.maximum(amax, chunk_amax(y))  # never NaN: maxnum is exact
@@ -172,15 +121,10 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
                                jnp.zeros((block_rows, 1), jnp.float32))
     row_scale = quantize.dynamic_scale(amax, quant_dtype)   # (rows, 1)
     inv = jnp.float32(1) / row_scale
-    row_ids = first_row + jax.lax.iota(jnp.int32, block_rows)
-    scales = row_scale[:, 0]
-    if need_rows:
-      plgpu.store(s_ref, scales, mask=row_ids < m)
-    else:
-      plgpu.store(s_ref, scales)
+    block.store_rows(s_ref, row_scale[:, 0])
 
   # Last pass: quantize and store.
-  if num_chunks == 1 or resident:
+  if xs is not None:
     for k, y in enumerate(ys):
       write(k, y)
   else:
