@@ -294,9 +294,12 @@ def _fmt(value) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--no-time", action="store_true")
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.mosaic_smoke", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="4 shapes")
+  parser.add_argument("--no-time", action="store_true",
+                      help="check correctness only")
   parser.add_argument("--iterations", type=int, default=20)
   parser.add_argument("--sweep", action="store_true",
                       help="also time configurations around the default")
