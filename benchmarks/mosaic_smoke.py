@@ -7,11 +7,11 @@ kernel times beside the Triton kernels and XLA. Every step catches and
 prints its own exception, so one failing shape costs nothing else; a compact
 table comes at the end.
 
-    python -m benchmarks.mosaic_smoke             # 15 shapes: ~75 s on an H200
-    python -m benchmarks.mosaic_smoke --quick     # four shapes
-    python -m benchmarks.mosaic_smoke --no-time   # correctness only, ~60 s
-    python -m benchmarks.mosaic_smoke --sweep     # + configs around the
-                                                  #   default, ~45 s more
+  python -m benchmarks.mosaic_smoke             # 15 shapes: ~75 s, H200
+  python -m benchmarks.mosaic_smoke --quick     # four shapes
+  python -m benchmarks.mosaic_smoke --no-time   # correctness only, ~60 s
+  python -m benchmarks.mosaic_smoke --sweep     # + configs around the
+                                                #   default: ~45 s more
 
 Columns: us = median CUPTI microseconds of the kernels of one call (the
 forwards compute y only; the backwards start from the saved rstd); "copy" is
@@ -297,9 +297,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m benchmarks.mosaic_smoke", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="4 shapes")
-  parser.add_argument("--no-time", action="store_true",
-                      help="check correctness only")
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--no-time", action="store_true")
   parser.add_argument("--iterations", type=int, default=20)
   parser.add_argument("--sweep", action="store_true",
                       help="also time configurations around the default")
