@@ -35,8 +35,8 @@ from jax_rmsnorm._src import validation
 class Ops:
   """The per-device forward and backward chosen by dispatch, and the
   options they run with."""
-  forward: partitioning.LocalForward
-  backward: partitioning.LocalBackward
+  forward: partitioning.Local
+  backward: partitioning.Local
   opts: validation.Options
   x_dtype: jnp.dtype  # dx is returned in x's dtype (h's is residual's)
 
