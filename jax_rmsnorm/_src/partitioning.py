@@ -30,6 +30,7 @@ sharding from x's:
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import jax
@@ -43,6 +44,18 @@ from jax_rmsnorm._src.reference import ForwardOutputs
 
 # local(*arrays, hidden_axes=(mesh axes sharding x's rows' elements)).
 Local = Callable[..., Sequence]
+
+logger = logging.getLogger("jax_rmsnorm")
+_warned: set[str] = set()
+
+
+def _warn_unpartitioned(why: str) -> None:
+  """The one case the partitioner is not taught: say so, once per reason."""
+  message = (f"jax_rmsnorm: {why} is not partitioned: if its arrays are "
+             "sharded, XLA gathers them onto every device first")
+  if message not in _warned:
+    _warned.add(message)
+    logger.warning("%s", message)
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -168,10 +181,13 @@ class Op:
 
     @jax.custom_batching.custom_vmap
     def run(*args):
-      if args[0].ndim < 2 or jax.device_count() == 1:
+      if jax.device_count() == 1:
         # Nothing to partition (custom_partitioning would be inlined; it
         # cannot be lowered for an abstract device, as CUDA exports from a
         # CPU host are).
+        return op.local(*args)
+      if args[0].ndim < 2:
+        _warn_unpartitioned(f"x of shape {args[0].shape} (no leading axis)")
         return op.local(*args)
       return op._partitioned(args, op._out_shapes(args))(*args)
 
@@ -179,6 +195,8 @@ class Op:
     def _(axis_size, in_batched, *args):
       vectors = ("n", "1")
       if any(b for b, k in zip(in_batched, op.in_kinds) if k in vectors):
+        if jax.device_count() > 1:
+          _warn_unpartitioned("vmap over the scale")
         in_axes = tuple(None if a is None else (0 if b else None)
                         for a, b in zip(args, in_batched))
         out = jax.vmap(op.local, in_axes=in_axes, axis_size=axis_size)(*args)

@@ -329,3 +329,17 @@ def test_quantized_sharded(shape, names, spec, axis_type, static):
   found = collectives(hlo)
   assert not [c for c in found if c[2] != "all-reduce"], found
   assert all(c[1] <= B * S for c in found), found  # row vectors only
+
+
+def test_what_is_not_partitioned_says_so(caplog):
+  """A rank-1 x and a vmapped scale are not taught to the partitioner: one
+  WARNING each names them (never a silent gather)."""
+  import logging
+  x, scale = testing.random_inputs(60, (4, N), "float32")
+  with caplog.at_level(logging.WARNING, logger="jax_rmsnorm"):
+    jax.jit(lambda x: jax_rmsnorm.rms_norm(x, **KERNEL))(x[0])
+    jax.jit(jax.vmap(lambda x, s: jax_rmsnorm.rms_norm(x, s, **KERNEL)))(
+        x, jnp.stack([scale] * 4))
+  text = caplog.text
+  assert "no leading axis" in text and "vmap over the scale" in text, text
+  assert "XLA gathers them" in text
