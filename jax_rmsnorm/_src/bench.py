@@ -424,6 +424,24 @@ def check_all_ops(shape, dtype: str, *,
   return testing.worst_of(*worst)
 
 
+def check_quantized(shape, dtype: str, *,
+                    interpret: bool = False) -> testing.Worst:
+  """The quantized kernel's check at one shape (`testing.Worst`): y_q to
+  float8_e4m3fn within half a quantization step of the float64 norm (values
+  at a rounding tie come close to the bound by nature), and its per-token
+  scales."""
+  n = shape[-1]
+  x, scale = testing.random_inputs(len(shape) * n, shape, dtype, "float32")
+  y_q, row_scales = jax.jit(functools.partial(
+      api.rms_norm_quantized, quant_dtype=QUANT_DTYPE,
+      implementation="triton", interpret=interpret))(x, scale)
+  y64 = testing.oracle(x, scale)
+  return testing.worst_of(
+      testing.quantized_excess(y_q, row_scales, y64, QUANT_DTYPE,
+                               testing.quantized_relative_error(n)),
+      testing.scales_excess(row_scales, y64, QUANT_DTYPE, n))
+
+
 # Summaries and tables ----------------------------------------------------
 
 def summarize(rows: list[dict], impl: str = "triton") -> dict:
