@@ -23,13 +23,13 @@ def _run(x, residual, scale, *, epsilon, scale_offset, out_dtype, cast_order,
          implementation, interpret):
   x, residual, scale, opts = validation.check_args(
       x, residual, scale, epsilon, scale_offset, out_dtype, cast_order)
-  names, fallback = validation.canonicalize_implementation(
+  names = validation.canonicalize_implementation(
       implementation, interpret)
   if x.size == 0:
     out = reference.forward(x, residual, scale, **opts.forward_kwargs())
     return out.y, out.h
   return dispatch.run(x, residual, scale, opts, names=names,
-                      fallback=fallback, interpret=bool(interpret))
+                      interpret=bool(interpret))
 
 
 def rms_norm(
@@ -218,7 +218,7 @@ def rms_norm_quantized(
   x, residual, scale, opts = validation.check_args(
       x, residual, scale, epsilon, scale_offset, None, cast_order)
   quant_dtype, quant_scale = quantize.check_args(x, quant_dtype, quant_scale)
-  names, fallback = validation.canonicalize_implementation(
+  names = validation.canonicalize_implementation(
       implementation, interpret)
   if quant_scale is not None and quant_scale.ndim == 0:
     quant_scale = quant_scale.reshape(1)
@@ -230,7 +230,7 @@ def rms_norm_quantized(
   else:
     y_q, row_scales, h = dispatch.run_quantized(
         x, residual, scale, quant_scale, opts, quant_dtype, names=names,
-        fallback=fallback, interpret=bool(interpret))
+        interpret=bool(interpret))
   out = (y_q,) if quant_scale is not None else (y_q, row_scales)
   if residual is not None:
     out += (h,)

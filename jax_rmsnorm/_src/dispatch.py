@@ -138,7 +138,7 @@ class Plan:
     return dict(self.names)[op]
 
 
-def plan(ops: tuple[str, ...], problem: Problem, names, fallback: bool,
+def plan(ops: tuple[str, ...], problem: Problem, names,
          interpret: bool) -> Plan:
   """Resolves the implementation(s) asked for (`names` None: automatic) for
   each op at this problem (x's shape, all devices together); raises
@@ -159,7 +159,7 @@ def plan(ops: tuple[str, ...], problem: Problem, names, fallback: bool,
       chosen[op] = name
       break
     else:
-      if not fallback and op == "backward":
+      if op == "backward":
         # The forward can run: raise only if a gradient is taken.
         chosen[op] = names[0]
         continue
@@ -220,12 +220,12 @@ def _local(plan: Plan, op: str, static: dict):
   return local
 
 
-def run(x, residual, scale, opts: validation.Options, *, names, fallback,
+def run(x, residual, scale, opts: validation.Options, *, names,
         interpret: bool):
   """(y, h) of validated, non-empty arrays (h None without a residual)."""
   n = x.shape[-1]
   p = plan(("forward", "backward"), Problem(x.size // n, n, x.dtype), names,
-           fallback, interpret)
+           interpret)
   logger.debug("rms_norm: %s for x %s %s", p, x.shape, x.dtype)
   return execute(p, x, residual, scale, opts)
 
@@ -248,7 +248,7 @@ def execute(p: Plan, x, residual, scale, opts: validation.Options):
 
 
 def run_quantized(x, residual, scale, quant_scale, opts: validation.Options,
-                  quant_dtype, *, names, fallback, interpret: bool):
+                  quant_dtype, *, names, interpret: bool):
   """(y_q, row_scales (..., 1) or None, h or None) of validated, non-empty
   arrays; quant_scale None (dynamic), (1,) or (N,). Not differentiable."""
   n = x.shape[-1]
@@ -256,7 +256,7 @@ def run_quantized(x, residual, scale, quant_scale, opts: validation.Options,
   # Dynamic and static scales are separate ops to the speed table: XLA fuses
   # a static quantization into its norm, not a dynamic one.
   op = "quant" if quant_scale is None else "quant-static"
-  p = plan((op,), problem, names, fallback, interpret)
+  p = plan((op,), problem, names, interpret)
   logger.debug("rms_norm_quantized: %s for x %s %s", p, x.shape, x.dtype)
   static = dict(epsilon=opts.epsilon, scale_offset=opts.scale_offset,
                 cast_order=opts.cast_order, quant_dtype=quant_dtype)

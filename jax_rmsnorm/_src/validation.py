@@ -145,19 +145,19 @@ def check_args(x, residual, scale, epsilon, scale_offset, out_dtype,
 
 
 def canonicalize_implementation(implementation, interpret: bool
-                                ) -> tuple[tuple[str, ...], bool]:
-  """Returns (names to try in order, whether falling back is allowed);
-  names is None for the automatic choice."""
+                                ) -> tuple[str, ...] | None:
+  """The names to try, in order (one: that one or an error); None for the
+  automatic choice."""
   if not isinstance(interpret, (bool, np.bool_)):
     raise TypeError(f"interpret must be a bool, got {interpret=}")
   if implementation is None:
     if not interpret:
-      return None, True
-    names, fallback = ("triton",), False
+      return None
+    names = ("triton",)
   elif isinstance(implementation, str):
-    names, fallback = (implementation,), False
+    names = (implementation,)
   elif isinstance(implementation, Sequence):
-    names, fallback = tuple(implementation), True
+    names = tuple(implementation)
     if not names:
       raise ValueError(f"{implementation=} is empty; name at least one of "
                        f"{IMPLEMENTATIONS}")
@@ -171,4 +171,4 @@ def canonicalize_implementation(implementation, interpret: bool
   if interpret and not any(n in KERNEL_IMPLEMENTATIONS for n in names):
     raise ValueError(f"interpret=True runs a Pallas kernel, but "
                      f"{implementation=} names none of {KERNEL_IMPLEMENTATIONS}")
-  return names, fallback
+  return names
