@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jax_rmsnorm
-from jax_rmsnorm._src import dispatch
+from jax_rmsnorm._src import log
 from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import shapes
 from jax_rmsnorm._src.triton import config as triton_config
@@ -152,7 +152,7 @@ def test_explicit_kernel_without_gpu_says_so():
 def test_fallback_is_logged(caplog, monkeypatch):
   """Auto falling back from the kernel on a GPU warns once per reason."""
   monkeypatch.setattr(platform, "on_cuda_gpu", lambda: True)
-  monkeypatch.setattr(dispatch, "_warned", set())
+  monkeypatch.setattr(log, "_warned", set())
   x = jnp.ones((2, triton_config.MAX_COLS + 1), jnp.bfloat16)
   with caplog.at_level(logging.WARNING, logger="jax_rmsnorm"):
     jax.eval_shape(jax_rmsnorm.rms_norm, x)

@@ -24,11 +24,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import logging
 
 import jax
 import jax.numpy as jnp
 
+from jax_rmsnorm._src import log
 from jax_rmsnorm._src import partitioning
 from jax_rmsnorm._src import per_platform
 from jax_rmsnorm._src import platform
@@ -38,7 +38,7 @@ from jax_rmsnorm._src import speed_table
 from jax_rmsnorm._src import validation
 from jax_rmsnorm._src import vjp
 
-logger = logging.getLogger("jax_rmsnorm")
+logger = log.logger
 
 # Each kernel family's room: the module of each op, and the support check.
 _KERNEL_MODULES = {
@@ -55,13 +55,6 @@ _REFERENCE = {"forward": reference.forward, "backward": reference.backward,
               "quant": quantize.reference, "quant-static": quantize.reference}
 # The automatic choice's order of kernels after the table's own.
 _KERNEL_PREFERENCE = ("mosaic", "triton")
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-  if message not in _warned:
-    _warned.add(message)
-    logger.warning("%s", message)
 
 
 @functools.cache
@@ -195,7 +188,7 @@ def _auto_plan(ops, problem: Problem) -> Plan:
     message = (f"jax_rmsnorm: the {' and '.join(fell_back)} of {problem} "
                f"run on {name!r}, not {reason}")
     if platform.on_cuda_gpu():  # A performance cliff: say so, once.
-      _warn_once(message)
+      log.warn_once(message)
     else:
       logger.debug("%s", message)
   return Plan(tuple(chosen.items()), auto=True, interpret=False)

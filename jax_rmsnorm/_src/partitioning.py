@@ -30,7 +30,6 @@ sharding from x's:
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Sequence
 
 import jax
@@ -40,22 +39,18 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_rmsnorm._src import avals
+from jax_rmsnorm._src import log
 from jax_rmsnorm._src.reference import ForwardOutputs
 
 # local(*arrays, hidden_axes=(mesh axes sharding x's rows' elements)).
 Local = Callable[..., Sequence]
 
-logger = logging.getLogger("jax_rmsnorm")
-_warned: set[str] = set()
 
 
 def _warn_unpartitioned(why: str) -> None:
-  """The one case the partitioner is not taught: say so, once per reason."""
-  message = (f"jax_rmsnorm: {why} is not partitioned: if its arrays are "
-             "sharded, XLA gathers them onto every device first")
-  if message not in _warned:
-    _warned.add(message)
-    logger.warning("%s", message)
+  """A case the partitioner is not taught: say so, once per reason."""
+  log.warn_once(f"jax_rmsnorm: {why} is not partitioned: if its arrays are "
+                "sharded, XLA gathers them onto every device first")
 
 
 def _axes(entry) -> tuple[str, ...]:
