@@ -12,7 +12,6 @@ for every width claimed supported, with the kernel name once.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -28,6 +27,7 @@ from jax_rmsnorm._src.mosaic import backward as mosaic_backward
 from jax_rmsnorm._src.mosaic import common
 from jax_rmsnorm._src.mosaic import config as mosaic_config
 from jax_rmsnorm._src.mosaic import forward as mosaic_forward
+from tests.test_lowering import _abstract_h100
 
 EPS = 1e-6
 requires_interpret = pytest.mark.skipif(
@@ -280,15 +280,6 @@ def test_config_is_a_function_of_the_row():
 
 # ---------------------------------------------------------------------------
 # CUDA lowering without a GPU.
-
-def _abstract_h100():
-  if not hasattr(jax.sharding, "AbstractDevice"):  # JAX 0.10
-    return contextlib.nullcontext()
-  device = jax.sharding.AbstractDevice(
-      device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("d",), abstract_device=device)
-  return jax.sharding.use_abstract_mesh(mesh)
-
 
 def _lower_for_cuda(fn, *args) -> str:
   with _abstract_h100():

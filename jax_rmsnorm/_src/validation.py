@@ -172,3 +172,13 @@ def canonicalize_implementation(implementation, interpret: bool
     raise ValueError(f"interpret=True runs a Pallas kernel, but "
                      f"{implementation=} names none of {KERNEL_IMPLEMENTATIONS}")
   return names
+
+
+def require_operand_shapes(x, residual, scale) -> None:
+  """The shapes a kernel relies on, as plain raises: they hold even with
+  chex's asserts disabled (`check_args` validates the public arguments)."""
+  n = x.shape[-1]
+  if scale is not None and scale.shape != (n,):
+    raise ValueError(f"{scale.shape=} must be ({n},)")
+  if residual is not None and residual.shape != x.shape:
+    raise ValueError(f"{residual.shape=} must equal {x.shape=}")

@@ -14,6 +14,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_rmsnorm._src import avals
 from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import validation
 from jax_rmsnorm._src.mosaic import common
 from jax_rmsnorm._src.mosaic import config as mosaic_config
 from jax_rmsnorm._src.reference import ForwardOutputs
@@ -189,11 +190,7 @@ def forward(x: jax.Array, residual: jax.Array | None,
   """
   n = x.shape[-1]
   m = x.size // n
-  # Plain raises guard the kernel even with chex asserts disabled.
-  if scale is not None and scale.shape != (n,):
-    raise ValueError(f"{scale.shape=} must be ({n},)")
-  if residual is not None and residual.shape != x.shape:
-    raise ValueError(f"{residual.shape=} must equal {x.shape=}")
+  validation.require_operand_shapes(x, residual, scale)
   common.check_supported(m, n, x.dtype)
   norm_dtype = x.dtype if residual is None else residual.dtype
   y_dtype = jnp.dtype(out_dtype or norm_dtype)

@@ -12,6 +12,7 @@ from jax.experimental import pallas as pl
 
 from jax_rmsnorm._src import avals
 from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import validation
 from jax_rmsnorm._src.reference import ForwardOutputs
 from jax_rmsnorm._src.triton import common
 from jax_rmsnorm._src.triton import config as triton_config
@@ -87,11 +88,7 @@ def forward(x: jax.Array, residual: jax.Array | None,
   """
   n = x.shape[-1]
   m = x.size // n
-  # Plain raises guard the kernel even with chex asserts disabled.
-  if scale is not None and scale.shape != (n,):
-    raise ValueError(f"{scale.shape=} must be ({n},)")
-  if residual is not None and residual.shape != x.shape:
-    raise ValueError(f"{residual.shape=} must equal {x.shape=}")
+  validation.require_operand_shapes(x, residual, scale)
   common.check_supported(m, n)
   if config is None:
     config = triton_config.get_config(m, n, x.dtype, platform.device_kind())

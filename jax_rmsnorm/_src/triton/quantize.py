@@ -17,6 +17,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax_rmsnorm._src import avals
 from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import quantize
+from jax_rmsnorm._src import validation
 from jax_rmsnorm._src.triton import common
 from jax_rmsnorm._src.triton import config as triton_config
 
@@ -154,11 +155,7 @@ def forward(x: jax.Array, residual: jax.Array | None,
   n = x.shape[-1]
   m = x.size // n
   quant_dtype = quantize.canonicalize_quant_dtype(quant_dtype)
-  # Plain raises guard the kernel even with chex asserts disabled.
-  if scale is not None and scale.shape != (n,):
-    raise ValueError(f"{scale.shape=} must be ({n},)")
-  if residual is not None and residual.shape != x.shape:
-    raise ValueError(f"{residual.shape=} must equal {x.shape=}")
+  validation.require_operand_shapes(x, residual, scale)
   if quant_scale is not None and quant_scale.shape not in ((), (1,), (n,)):
     raise ValueError(f"{quant_scale.shape=} must be (), (1,) or ({n},)")
   check_supported(m, n, quant_dtype)
