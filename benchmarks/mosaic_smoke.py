@@ -38,7 +38,7 @@ import numpy as np
 from jax_rmsnorm._src import bench
 from jax_rmsnorm._src import reference
 
-SHAPES = [  # (rows, n, dtype): anchors.md's large shapes, then small ones.
+SHAPES = [  # (rows, n, dtype): the benchmark list's large shapes, then small ones.
     (32768, 4096, "bfloat16"),
     (16384, 8192, "bfloat16"),
     (32768, 3072, "bfloat16"),
@@ -90,7 +90,7 @@ def _fwd(fn, save_rstd=True):
 
 
 def _inputs(seed: int, shape, dtype):
-  """x ~ N(0, 1) and scale ~ 1 + 0.1 N(0, 1) (anchors.md)."""
+  """x ~ N(0, 1) and scale ~ 1 + 0.1 N(0, 1), as the benchmarks draw them."""
   kx, ks = jax.random.split(jax.random.key(seed))
   x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
   scale = 1.0 + 0.1 * jax.random.normal(ks, tuple(shape[-1:]), jnp.float32)

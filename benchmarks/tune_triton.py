@@ -57,7 +57,7 @@ CHUNK_SWEEP = (
     (8192, 5120, "float32"), (16384, 8192, "float32"),
     (16384, 8192, "bfloat16"), (32768, 4096, "bfloat16"),
 )
-# The backward: the large anchors plus decode and mid sizes.
+# The backward: the large shapes plus decode and mid sizes.
 BACKWARD_SWEEP = (
     (16384, 8192, "bfloat16"), (4096, 14336, "bfloat16"),
     (16384, 8192, "float32"), (8192, 5120, "float32"),

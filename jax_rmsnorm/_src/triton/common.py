@@ -124,6 +124,23 @@ class RowBlock:
                                    jnp.zeros(self.shape, jnp.float32))
 
 
+def row_operands(x, residual, scale, *, block_rows: int, block_cols: int):
+  """The row kernels' inputs as (m, n) views with their BlockSpecs: x and
+  the residual by blocks of rows, the scale whole. Returns (args,
+  in_specs, row_block spec) for a grid over row blocks."""
+  n = x.shape[-1]
+  m = x.size // n
+  row_block = pl.BlockSpec((block_rows, block_cols), lambda i: (i, 0))
+  args, in_specs = [x.reshape(m, n)], [row_block]
+  if residual is not None:
+    args.append(residual.reshape(m, n))
+    in_specs.append(row_block)
+  if scale is not None:
+    args.append(scale)
+    in_specs.append(pl.BlockSpec((block_cols,), lambda i: (0,)))
+  return args, in_specs, row_block
+
+
 def check_supported(m: int, n: int, dtype=None, *,
                     backward: bool = False) -> None:
   """Raises NotImplementedError where the kernels cannot run (m rows of n,

@@ -97,14 +97,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
                "%s", m, n, x.dtype, residual is not None, config)
   norm_dtype = x.dtype if residual is None else residual.dtype
   block = (config.block_rows, config.block_cols * num_chunks)
-  row_block = pl.BlockSpec(block, lambda i: (i, 0))
-  args, in_specs = [x.reshape(m, n)], [row_block]
-  if residual is not None:
-    args.append(residual.reshape(m, n))
-    in_specs.append(row_block)
-  if scale is not None:
-    args.append(scale)
-    in_specs.append(pl.BlockSpec(block[1:], lambda i: (0,)))
+  args, in_specs, row_block = common.row_operands(
+      x, residual, scale, block_rows=block[0], block_cols=block[1])
   like = (x, residual, scale)
   out_shape = [avals.out_struct((m, n), out_dtype or norm_dtype, *like)]
   out_specs = [row_block]

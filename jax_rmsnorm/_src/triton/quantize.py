@@ -169,14 +169,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
                "quant_dtype=%s scale=%s residual=%s %s", m, n, x.dtype,
                quant_dtype, static or "dynamic", residual is not None, config)
   block = (config.block_rows, config.block_cols * num_chunks)
-  row_block = pl.BlockSpec(block, lambda i: (i, 0))
-  args, in_specs = [x.reshape(m, n)], [row_block]
-  if residual is not None:
-    args.append(residual.reshape(m, n))
-    in_specs.append(row_block)
-  if scale is not None:
-    args.append(scale)
-    in_specs.append(pl.BlockSpec(block[1:], lambda i: (0,)))
+  args, in_specs, row_block = common.row_operands(
+      x, residual, scale, block_rows=block[0], block_cols=block[1])
   if static is not None:
     inv = jnp.float32(1) / quant_scale.astype(jnp.float32)
     if static == "scalar":
