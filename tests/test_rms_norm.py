@@ -15,6 +15,7 @@ import jax_rmsnorm
 from jax_rmsnorm._src import log
 from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import shapes
+from jax_rmsnorm._src import speed_table
 from jax_rmsnorm._src.triton import config as triton_config
 from jax_rmsnorm._src.triton import forward as triton_forward
 from tests.conftest import (IMPLEMENTATIONS, ON_GPU, assert_close, oracle,
@@ -124,19 +125,27 @@ def test_explicit_configs(config, max_one_pass, interpret, monkeypatch):
   assert_close(y, oracle(x, scale), "float32", 1000)
 
 
-def test_heuristic_is_pure_and_batch_independent():
-  for n in (1, 7, 896, 5120, 14336, 16385, 65536):
+@pytest.mark.parametrize("heuristic", [triton_config.get_config,
+                                       triton_config.get_quant_config])
+def test_heuristic_is_pure_and_batch_independent(heuristic):
+  for n in (1, 7, 896, 1000, 3072, 4099, 5120, 14336, 16385, 65536):
     for dtype in DTYPES:
-      configs = {triton_config.get_config(m, n, dtype) for m in (1, 13, 4096)}
+      configs = {heuristic(m, n, dtype) for m in (1, 13, 4096)}
       assert len(configs) == 1, (n, dtype, configs)
       (config,) = configs
       assert config.block_cols >= n or config.num_chunks(n) > 1
 
 
 def test_auto_uses_reference_on_cpu_and_kernel_on_gpu():
-  x, scale = random_inputs(6, (8, 256), "float32")
+  """On a GPU, auto runs what the speed table names for the shape (the
+  Triton kernel for float32 2048 x 256 on Hopper; a decode batch there goes
+  to XLA); elsewhere the reference."""
+  m, n = 2048, 256
+  x, scale = random_inputs(6, (m, n), "float32")
   hlo = jax.jit(jax_rmsnorm.rms_norm).lower(x, scale).as_text()
-  assert (triton_forward.KERNEL_NAME in hlo) == ON_GPU
+  table = speed_table.choose("forward", platform.generation(), m, n,
+                             "float32")
+  assert (triton_forward.KERNEL_NAME in hlo) == (ON_GPU and table == "triton")
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")

@@ -106,6 +106,28 @@ _WARPS_BY_BYTES = ((1024, 1), (2048, 2), (8192, 4), (32768, 16))
 _WIDE_CHUNK_COLS, _WIDE_WARPS = 2048, 32
 # Chunk width of the two-pass kernel for rows past MAX_ONE_PASS_COLS.
 _LOOP_CHUNK_COLS_BY_ITEMSIZE = {2: 8192, 4: 2048}
+# A row that fills less than this share of its padded width is held as two
+# chunks of half that width, one program a row: on an H200, bf16 4096 x 4099
+# in 24.9 us against 29.1 as one padded block of 8192 (XLA: 27.2); 8192 x
+# 5120 44.5 against 45.1 (`python -m benchmarks.tune_triton --sweep
+# forward-h200`, benchmarks/results/tune_triton_forward_h200.json).
+_HALVE_BELOW_FILL = 0.75
+
+# The quantized kernel, tuned on an H200 (`python -m benchmarks.tune_triton
+# --sweep quant` and `--sweep quant-static`; benchmarks/results/
+# tune_triton_quant_h200.json, tune_triton_quant_static_h200.json; bf16 to
+# float8_e4m3fn). It writes 1 byte an element and reduces a row twice (sum
+# of squares, then amax): one row a program on 4 warps (8 for bf16 8192)
+# beat the forward's 16, 32 to 128 elements a thread. Short rows (up to
+# 2 KiB): 8 KiB a program, 16 elements a thread (65536 x 896: 63.3 us, the
+# forward's 1 row on 2 warps 65.4). Widths that are not a power of two are
+# held as chunks: multiples of 1024 below 8192 as chunks of 1024, no padding
+# (32768 x 3072: 91.4 us against 110.5 as one padded 4096; 8192 x 5120:
+# 40.0 against 48.4); past 8192 two halves of the padded width (4096 x
+# 14336: 64.7 against 76.4 on 16 warps); other widths quarters of it (4096
+# x 4099: 27.2 against 31.5).
+_QUANT_SHORT_ROW_BYTES = 2048
+_QUANT_SHORT_BLOCK_BYTES = 8192
 
 
 def get_config(rows: int, n: int, dtype, device_kind: str | None = None
@@ -132,7 +154,42 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None
   block_rows = max(1, 1024 // (cols * itemsize))
   load_bytes = 1 << round(math.log2(block_rows * n * itemsize))
   num_warps = next(w for limit, w in _WARPS_BY_BYTES if load_bytes <= limit)
+  if block_rows == 1 and n < _HALVE_BELOW_FILL * cols:
+    # Same padded width, held as two chunks.
+    return Config(block_rows=1, block_cols=cols // 2, num_warps=num_warps)
   return Config(block_rows=block_rows, block_cols=cols, num_warps=num_warps)
+
+
+def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None
+                     ) -> Config:
+  """Picks the quantized kernel's launch configuration; pure, and like
+  get_config a function of n and dtype alone (a row's arithmetic, and so
+  its scale, does not depend on the batch). Its table is its own: with
+  1-byte outputs and a second row reduction (the amax), fewer warps holding
+  more of a row each won (the comments at _QUANT_SHORT_ROW_BYTES)."""
+  del rows, device_kind
+  itemsize = np.dtype(dtype).itemsize
+  cols = pl.next_power_of_2(n)
+  if cols > MAX_ONE_PASS_COLS or cols * itemsize > _WARPS_BY_BYTES[-1][0]:
+    return get_config(cols, n, dtype)  # Looped, or float32 wide rows.
+  if cols * itemsize <= _QUANT_SHORT_ROW_BYTES:
+    block_rows = _QUANT_SHORT_BLOCK_BYTES // (cols * itemsize)
+    return Config(block_rows=block_rows, block_cols=cols,
+                  num_warps=max(1, block_rows * cols // (32 * 16)))
+  one_block = Config(block_rows=1, block_cols=cols,
+                     num_warps=max(4, cols * itemsize // 2048))
+  if n == cols:
+    return one_block
+  if n % 1024 == 0 and n < 8192:
+    chunk = 1024
+  elif n > 8192:
+    chunk = cols // 2
+  else:
+    chunk = cols // 4
+  if chunk < 1024:
+    return one_block
+  return Config(block_rows=1, block_cols=chunk, num_warps=2 * itemsize)
+
 
 
 # The backward's (warps, programs per SM) by the bytes of a padded row, per

@@ -1,7 +1,8 @@
 """RMSNorm (optionally fused with a residual add) straight to float8/int8:
 Pallas, lowered through the Triton backend. A sibling of forward.py: the
-same row layout (`triton_config.get_config`), launch (`common.launch`) and
-masking; the arithmetic of `quantize.reference`.
+same row layout (`common.RowBlock`), launch (`common.launch`) and masking,
+its own launch configuration (`triton_config.get_quant_config`); the
+arithmetic of `quantize.reference`.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
     raise ValueError(f"{quant_scale.shape=} must be (), (1,) or ({n},)")
   check_supported(m, n, quant_dtype)
   if config is None:
-    config = triton_config.get_config(m, n, x.dtype, platform.device_kind())
+    config = triton_config.get_quant_config(m, n, x.dtype,
+                                            platform.device_kind())
   num_chunks = config.num_chunks(n)
   static = None
   if quant_scale is not None:
