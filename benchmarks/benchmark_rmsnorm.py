@@ -14,6 +14,7 @@ worst error / bound against the float64 oracle (<= 1 passes).
 
   python -m benchmarks.benchmark_rmsnorm                 # full sweep
   python -m benchmarks.benchmark_rmsnorm --ops backward step --max-elements 1e7
+  python -m benchmarks.benchmark_rmsnorm --ops step --min-elements 8e6
   python -m benchmarks.benchmark_rmsnorm --implementations triton mosaic
 
 Writes <out>/<op>_<card>.{json,csv,png}; exit status 1 if a check fails.
@@ -65,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
   p.add_argument("--max-elements", type=float, default=math.inf,
                  help="skip shapes with more elements (quick runs)")
+  p.add_argument("--min-elements", type=float, default=0,
+                 help="skip shapes with fewer elements (e.g. 8e6: the "
+                 "large shapes only)")
   p.add_argument("--iterations", type=int, default=50)
   p.add_argument("--out", default=os.path.join(
       os.path.dirname(__file__), "results"))
@@ -82,7 +86,9 @@ def write(stem: str, record: dict) -> None:
   with open(stem + ".json", "w") as f:
     json.dump(record, f, indent=1)
   with open(stem + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    # Every key of every row: a refusal adds <name>_refused to its rows.
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
   try:
@@ -99,10 +105,11 @@ def main(argv=None) -> int:
     return 1
   card = jax.devices()[0].device_kind
   todo = [s for s in shapes.BENCHMARK_SHAPES
-          if s[2] in args.dtypes and s[0] * s[1] <= args.max_elements]
+          if s[2] in args.dtypes
+          and args.min_elements <= s[0] * s[1] <= args.max_elements]
   if not todo:
-    print("benchmark_rmsnorm: no shape left by --dtypes and --max-elements",
-          file=sys.stderr)
+    print("benchmark_rmsnorm: no shape left by --dtypes and "
+          "--min/--max-elements", file=sys.stderr)
     return 1
   os.makedirs(args.out, exist_ok=True)
   ok = True

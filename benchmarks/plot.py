@@ -48,7 +48,8 @@ def plot_op(json_path: str, png_path: str) -> None:
   ax.bar(offset(1), [r["xla_gbps"] for r in rows], width, label="XLA",
          color="#4c72b0")
   for k, impl in enumerate(impls):
-    ax.bar(offset(2 + k), [r[f"{impl}_gbps"] for r in rows], width,
+    # A refused shape gets no bar.
+    ax.bar(offset(2 + k), [r.get(f"{impl}_gbps") or 0 for r in rows], width,
            label=f"jax_rmsnorm ({impl})", color=_COLORS[k % len(_COLORS)])
   ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=8)
   op = data.get("op", "forward")
@@ -57,7 +58,8 @@ def plot_op(json_path: str, png_path: str) -> None:
   geomeans = ", ".join(
       f"XLA/{impl} {sum_['geomean_xla_over_impl']:.3f}"
       for impl, sum_ in data.get("summaries", {
-          impls[0]: data["summary"]} if impls else {}).items())
+          impls[0]: data["summary"]} if impls else {}).items()
+      if "geomean_xla_over_impl" in sum_)
   ax.set_title(f"{_TITLES.get(op, op)} on {data['card']} (JAX {data['jax']})"
                f": geomean {geomeans}", fontsize=9)
   ax.legend(loc="upper left", fontsize=8)

@@ -5,7 +5,8 @@ and quant-static with static scales) and each shape
 class (`speed_table.shape_class`: dtype, decode/small/large rows,
 aligned/unaligned N), the table names the implementation to run on that GPU
 generation: the kernel family with the lowest geometric-mean time over the
-class's shapes among those never slower than XLA on any of them, else XLA.
+class's shapes among those never slower than XLA on any of them (within
+NOISE), else XLA.
 The backward is chosen from the `step` records (y, dx and d(scale) from one
 jit: what a training step pays), the quantized outputs from the `quant*`
 records (with and without the residual), the forward from `forward`.
@@ -27,6 +28,12 @@ import sys
 from jax_rmsnorm._src import bench
 from jax_rmsnorm._src import speed_table
 
+# A kernel at most this much slower than XLA on one shape of a class is not
+# slower: the spread of CUPTI medians between runs on one card (1 to 2%),
+# and the bound the issues set ("never above 1.02x XLA's time"). Without it
+# one shape a noise away from XLA would send a class of shapes where the
+# kernel is 5-10% faster to XLA.
+NOISE = 1.02
 # The package's op <- the benchmark ops that measure it.
 SOURCES = {"forward": ("forward",), "backward": ("step",),
            "quant": ("quant", "quant-residual"),
@@ -48,7 +55,7 @@ def choose(rows: list[dict]) -> tuple[str, dict]:
                             worst_time_over_xla=max(ratios),
                             all_numerics_ok=all(r[f"{kernel}_ok"]
                                                 for r in rows))
-    if (max(ratios) <= 1.0 and evidence[kernel]["all_numerics_ok"]
+    if (max(ratios) <= NOISE and evidence[kernel]["all_numerics_ok"]
         and geomean < best_geomean):
       best, best_geomean = kernel, geomean
   return best, evidence

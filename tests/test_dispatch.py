@@ -138,8 +138,8 @@ def test_table_choice_of_xla_for_the_step_keeps_the_forward_kernel(
 
 def test_speed_table_writer_never_picks_a_kernel_slower_than_xla():
   """benchmarks.speed_table: per class, the kernel with the best geometric
-  mean among those never slower than XLA (and numerically right), else
-  XLA; the backward from the step records."""
+  mean among those never slower than XLA beyond the timing noise (and
+  numerically right), else XLA; the backward from the step records."""
   from benchmarks import speed_table as writer
 
   def row(m, n, xla, triton, mosaic, ok=True):
@@ -149,7 +149,7 @@ def test_speed_table_writer_never_picks_a_kernel_slower_than_xla():
 
   records = [
       dict(op="forward", rows=[row(32768, 4096, 100, 95, 90),
-                               row(16384, 8192, 100, 96, 101),   # mosaic
+                               row(16384, 8192, 100, 96, 103),   # mosaic
                                row(4096, 4099, 50, 55, 60),      # slower
                                row(1, 4096, 2.0, 1.8, 1.9, ok=False)]),
       dict(op="step", rows=[row(32768, 4096, 300, 200, 250)]),
@@ -159,3 +159,10 @@ def test_speed_table_writer_never_picks_a_kernel_slower_than_xla():
   assert made["forward"]["bfloat16/large/unaligned"] == "xla"
   assert made["forward"]["bfloat16/decode/aligned"] == "mosaic"
   assert made["backward"] == {"bfloat16/large/aligned": "triton"}
+  # 1% slower than XLA at one shape of a class is within the noise (the
+  # kernel still wins the class); 3% is not (above: mosaic).
+  assert writer.NOISE == 1.02
+  noisy = [dict(op="forward", rows=[row(32768, 4096, 100, 90, 95),
+                                    row(16384, 8192, 100, 101, 103)])]
+  assert writer.table_of(noisy)["ops"]["forward"] == {
+      "bfloat16/large/aligned": "triton"}
