@@ -265,6 +265,7 @@ def main(argv=None):
     default = [c.get("us") for c in row["configs"]
                if c["config"] == row["default"]]
     floor = f" floor {row['floor_us']:7.1f}" if "floor_us" in row else ""
+    runners_up = [(_short(c["config"]), round(c["us"], 1)) for c in ok[1:4]]
     print(f"{dtype:9s} {m:6d}x{n:<6d} copy {row['copy_us']:8.1f}{floor} xla "
           f"{row['xla_us']:8.1f} default {_short(row['default'])} "
           f"{default[0] if default else None}"
@@ -272,8 +273,7 @@ def main(argv=None):
           + (f"{best['us']:8.1f} {_short(best['config'])} error/bound "
              f"{best['error_over_bound']:.2f}" if best else "none passed")
           + f" | failed the bounds: {failed}"
-          f" | next: {[(_short(c['config']), round(c['us'], 1))
-                       for c in ok[1:4]]}",
+          f" | next: {runners_up}",
           flush=True)
     results.append(row)
     with open(args.out, "w") as f:
