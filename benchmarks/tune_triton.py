@@ -4,8 +4,10 @@ Each (M, N, dtype) of the sweep is checked against the float64 oracle and
 timed with CUPTI beside XLA (the fused reference, or its autodiff for the
 backward) and the copy ceiling, in the same run. A configuration whose
 result fails the oracle's bounds (worst error / bound > 1) is recorded but
-never the best. The best configurations feed `triton_config.get_config` /
-`get_backward_config` by hand.
+never the best (the forward-h200 and quant sweeps time every candidate,
+then check the fastest until three pass: the oracle is slow at large
+shapes). The best configurations feed `triton_config.get_config` /
+`get_backward_config` / `get_quant_config` by hand.
 
   python -m benchmarks.tune_triton --out /tmp/tune.json
   python -m benchmarks.tune_triton --sweep backward --out /tmp/tune_bwd.json
@@ -22,7 +24,6 @@ import json
 import sys
 
 import jax
-import numpy as np
 from jax.experimental import pallas as pl
 
 from jax_rmsnorm._src import api

@@ -171,7 +171,8 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None
   itemsize = np.dtype(dtype).itemsize
   cols = pl.next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS or cols * itemsize > _WARPS_BY_BYTES[-1][0]:
-    return get_config(cols, n, dtype)  # Looped, or float32 wide rows.
+    # Looped, or float32 rows past 8192: the forward's chunked layouts.
+    return get_config(1, n, dtype)
   if cols * itemsize <= _QUANT_SHORT_ROW_BYTES:
     block_rows = _QUANT_SHORT_BLOCK_BYTES // (cols * itemsize)
     return Config(block_rows=block_rows, block_cols=cols,
@@ -189,7 +190,6 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None
   if chunk < 1024:
     return one_block
   return Config(block_rows=1, block_cols=chunk, num_warps=2 * itemsize)
-
 
 
 # The backward's (warps, programs per SM) by the bytes of a padded row, per
