@@ -7,6 +7,7 @@ Interpret mode runs on CPU; the compiled kernel on an NVIDIA GPU only
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import zlib
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import quantize
@@ -220,6 +222,56 @@ def test_chunked_loop_and_partial_blocks(impl, mode, monkeypatch):
   assert_quantized_close(y_q, s, y64, "int8", relative_error_bound(1000))
 
 
+# A persistent grid (each program loops over every grid-th block of rows),
+# with the scale held across the loop and the next rows loaded ahead or not;
+# blocks of 1, 2 and 4 rows, one and two chunks a row.
+PERSISTENT_CONFIGS = [
+    triton_config.Config(block_rows=1, block_cols=256, num_warps=4,
+                         programs_per_sm=1, prefetch=True, hold_scale=True),
+    triton_config.Config(block_rows=2, block_cols=128, num_warps=4,
+                         programs_per_sm=1),
+    triton_config.Config(block_rows=4, block_cols=256, num_warps=4,
+                         programs_per_sm=2, prefetch=True),
+]
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("mode", ["dynamic", "channel"])
+@pytest.mark.parametrize("config", PERSISTENT_CONFIGS, ids=str)
+def test_persistent_grid(impl, mode, config):
+  """Rows handled by a persistent grid: against the oracle, and bit for bit
+  what one block a program gives (the same arithmetic a row; compiled, or
+  interpreted on a CPU). Rows for three steps a program and a partial
+  fourth, on any SM count."""
+  n = 200
+  m = 3 * config.programs_per_sm * platform.sm_count() * config.block_rows + 5
+  programs = config.num_programs(m, platform.sm_count())
+  assert config.resident(n) and pl.cdiv(m, programs * config.block_rows) > 3
+  x, residual, scale = _inputs((m, n), "bfloat16", "float32")
+  quant_dtype = "float8_e4m3fn" if mode == "dynamic" else "int8"
+  quant_scale = (None if mode == "dynamic"
+                 else _static_scale(mode, n, quant_dtype))
+  y_q, s, h = _quantized(impl, quant_dtype=quant_dtype, config=config)(
+      x, residual, scale, quant_scale)
+  np.testing.assert_array_equal(np.asarray(h), oracle_h(x, residual))
+  y64 = oracle_y(x, residual, scale)
+  if mode == "dynamic":
+    assert_scales_close(s, y64, quant_dtype, n)
+  assert_quantized_close(y_q, quant_scale if s is None else s, y64,
+                         quant_dtype, relative_error_bound(n))
+  if impl[1] and platform.on_cuda_gpu():
+    # Interpret mode on a GPU host runs both grids through XLA's GPU
+    # compiler, which fused them differently: one ulp of a scale was seen.
+    return
+  one_block = dataclasses.replace(config, programs_per_sm=0, prefetch=False,
+                                  hold_scale=False)
+  want = _quantized(impl, quant_dtype=quant_dtype, config=one_block)(
+      x, residual, scale, quant_scale)
+  for got, expected in zip((y_q, s, h), want):
+    if expected is not None:
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
 # --- properties ---------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -408,7 +460,7 @@ def test_fp8_needs_sm89(monkeypatch):
 # --- the CUDA lowering, on CPU ------------------------------------------------------
 
 LOWERING_SHAPES = [
-    ((3, 896), "bfloat16", "bfloat16"),   # one padded chunk, one row/program
+    ((3, 896), "bfloat16", "bfloat16"),   # short rows, a persistent grid
     ((2, 14336), "float32", "float32"),   # 7 chunks held in registers
     ((2, 16411), "bfloat16", None),       # chunked loops, prime N
     ((301, 96), "float32", "float32"),    # several rows per program

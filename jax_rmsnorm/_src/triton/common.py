@@ -46,14 +46,21 @@ class RowBlock:
   nothing is out of bounds (known statically for a Python int chunk index),
   so those loads and stores stay unmasked."""
 
-  def __init__(self, *, m: int, n: int, block_rows: int, block_cols: int):
+  def __init__(self, *, m: int, n: int, block_rows: int, block_cols: int,
+               first_row=None):
+    """first_row: None where each program's refs are its own block of rows
+    (program i, rows i * block_rows on); else the first row of this block
+    in refs that hold every row (a persistent program's loop step), whose
+    rows are then always masked (a last step may lie past the end)."""
     self.m, self.n = m, n
     self.block_rows, self.block_cols = block_rows, block_cols
     self.shape = (block_rows, block_cols)
-    self.first_row = pl.program_id(0) * block_rows
+    self.whole = first_row is not None
+    self.first_row = (first_row if self.whole
+                      else pl.program_id(0) * block_rows)
     self.rows = self.first_row + jax.lax.broadcasted_iota(
         jnp.int32, self.shape, 0)
-    self.need_rows = m % block_rows != 0
+    self.need_rows = self.whole or m % block_rows != 0
 
   def masks(self, k):
     """(element mask, column mask) of chunk `k`."""
@@ -69,6 +76,9 @@ class RowBlock:
     return mask, col_mask
 
   def chunk(self, ref, k):
+    if self.whole and ref.ndim == 2:
+      return ref.at[ds(self.first_row, self.block_rows),
+                    ds(k * self.block_cols, self.block_cols)]
     return columns(ref, k * self.block_cols, self.block_cols)
 
   def load(self, ref, k, mask):
@@ -85,25 +95,39 @@ class RowBlock:
 
   def store_rows(self, ref, values):
     """A (block_rows,) vector, one value per row, into a (m,) ref."""
+    if self.whole:
+      ref = ref.at[ds(self.first_row, self.block_rows)]
     if not self.need_rows:
       plgpu.store(ref, values)
       return
     row_ids = self.first_row + jax.lax.iota(jnp.int32, self.block_rows)
     plgpu.store(ref, values, mask=row_ids < self.m)
 
-  def load_normalized_input(self, k, x_ref, r_ref, h_ref, *, write_h: bool,
-                            interpret: bool):
-    """Chunk k of the row to normalize, as float32: x's, or with a residual
-    h = x + residual rounded to residual's dtype (written out when
-    `write_h`)."""
+  def load_input(self, k, x_ref, r_ref):
+    """Chunk k of x (and of the residual, else None), in their dtypes."""
     mask = self.masks(k)[0]
-    x = self.load(x_ref, k, mask).astype(jnp.float32)
+    return (self.load(x_ref, k, mask),
+            None if r_ref is None else self.load(r_ref, k, mask))
+
+  def normalized_input(self, k, loaded, r_ref, h_ref, *, write_h: bool,
+                       interpret: bool):
+    """The row to normalize from chunk k's `load_input`, as float32: x, or
+    with a residual h = x + residual rounded to residual's dtype (written
+    out when `write_h`)."""
+    x, r = loaded
+    x = x.astype(jnp.float32)
     if r_ref is None:
       return x
-    h = x + self.load(r_ref, k, mask).astype(jnp.float32)
+    h = x + r.astype(jnp.float32)
     if write_h:
-      self.store(h_ref, k, h, mask)
+      self.store(h_ref, k, h, self.masks(k)[0])
     return round_trip(h, r_ref.dtype, interpret)
+
+  def load_normalized_input(self, k, x_ref, r_ref, h_ref, *, write_h: bool,
+                            interpret: bool):
+    """`normalized_input` of chunk k, loaded here."""
+    return self.normalized_input(k, self.load_input(k, x_ref, r_ref), r_ref,
+                                 h_ref, write_h=write_h, interpret=interpret)
 
   def sum_squares(self, load_row, num_chunks: int, resident: bool):
     """(the chunks held in registers, or None, and the (rows, block_cols)
@@ -124,13 +148,16 @@ class RowBlock:
                                    jnp.zeros(self.shape, jnp.float32))
 
 
-def row_operands(x, residual, scale, *, block_rows: int, block_cols: int):
+def row_operands(x, residual, scale, *, block_rows: int, block_cols: int,
+                 whole: bool = False):
   """The row kernels' inputs as (m, n) views with their BlockSpecs: x and
-  the residual by blocks of rows, the scale whole. Returns (args,
-  in_specs, row_block spec) for a grid over row blocks."""
+  the residual by blocks of rows (or, `whole`, one block of every row that
+  each program of a persistent grid indexes itself), the scale whole.
+  Returns (args, in_specs, row_block spec) for a grid over row blocks."""
   n = x.shape[-1]
   m = x.size // n
-  row_block = pl.BlockSpec((block_rows, block_cols), lambda i: (i, 0))
+  row_block = pl.BlockSpec((block_rows, block_cols),
+                           (lambda i: (0, 0)) if whole else (lambda i: (i, 0)))
   args, in_specs = [x.reshape(m, n)], [row_block]
   if residual is not None:
     args.append(residual.reshape(m, n))

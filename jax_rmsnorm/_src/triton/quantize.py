@@ -1,8 +1,9 @@
 """RMSNorm (optionally fused with a residual add) straight to float8/int8:
 Pallas, lowered through the Triton backend. A sibling of forward.py: the
 same row layout (`common.RowBlock`), launch (`common.launch`) and masking,
-its own launch configuration (`triton_config.get_quant_config`); the
-arithmetic of `quantize.reference`.
+its own launch configuration (`triton_config.get_quant_config`), which may
+put the rows on a persistent grid as the backward does; the arithmetic of
+`quantize.reference`.
 """
 
 from __future__ import annotations
@@ -49,12 +50,21 @@ def check_supported(m: int, n: int, quant_dtype) -> None:
 def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
                      quant_dtype, has_residual: bool, has_scale: bool,
                      static: str | None, round_normalized: bool,
-                     num_chunks: int, resident: bool, interpret: bool):
-  """Normalizes and quantizes `block_rows` rows of `n` columns.
+                     num_chunks: int, resident: bool, block_rows: int,
+                     steps: int, num_programs: int, prefetch: bool,
+                     hold_scale: bool, interpret: bool):
+  """Normalizes and quantizes rows of `n` columns.
 
   Refs: x, [residual], [scale], [inv_scale], y_q, [h], [row_scales].
   static: None (dynamic per-row scales, written to row_scales), "scalar"
   (inv_scale of shape (1,)) or "channel" (inv_scale of shape (n,)).
+
+  steps == 0: one block of `block_rows` rows a program, the refs its own.
+  Otherwise (persistent, resident rows only): the refs hold every row and
+  program p handles the blocks p, p + num_programs, ... (`steps` of them);
+  `hold_scale` loads the scale once, before that loop, and `prefetch`
+  loads the next block's inputs before the current block's reductions, so
+  that a program keeps memory busy while it computes.
 
   resident (or one chunk): the row's chunks are loaded once and held in
   registers: x (+ residual) is read once, y_q (+ h) written once. Otherwise
@@ -71,68 +81,109 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
   q_ref = refs.pop(0)
   h_ref = refs.pop(0) if has_residual else None
   s_ref = refs.pop(0) if static is None else None
-  block_rows = x_ref.shape[0]
-  block = common.RowBlock(m=m, n=n, block_rows=block_rows,
-                          block_cols=x_ref.shape[1] // num_chunks)
-  load_row = functools.partial(block.load_normalized_input, x_ref=x_ref,
-                               r_ref=r_ref, h_ref=h_ref, interpret=interpret)
+  block_cols = x_ref.shape[1] // num_chunks
+  # Hopper's float32 -> float8 conversion saturates (satfinite); interpret
+  # mode's (XLA's) does not, and int8 needs the clip before rounding.
+  clip = interpret or quant_dtype == jnp.int8
 
-  def normalized(k, x):
-    """y of chunk k, float32, as reference.forward computes it."""
-    y = x * rstd
-    if round_normalized:
-      y = common.round_trip(y, x_ref.dtype if r_ref is None else r_ref.dtype,
-                            interpret)
-    if scale_ref is not None:
-      w = block.load(scale_ref, k, block.masks(k)[1]).astype(jnp.float32)
-      y = y * (jnp.float32(offset) + w)[None, :]
-    return y
+  def block_at(first_row=None):
+    return common.RowBlock(m=m, n=n, block_rows=block_rows,
+                           block_cols=block_cols, first_row=first_row)
 
-  def chunk_amax(y):
-    return jnp.max(quantize.abs_nan_as_inf(y), axis=1, keepdims=True)
+  def scale_chunk(block, k):
+    w = block.load(scale_ref, k, block.masks(k)[1]).astype(jnp.float32)
+    return (jnp.float32(offset) + w)[None, :]
 
-  def write(k, y):
-    mask, col_mask = block.masks(k)
-    if static == "channel":
-      inv_k = block.load(inv_ref, k, col_mask)[None, :]
-    else:
-      inv_k = inv
-    block.store(q_ref, k, quantize.saturate_cast(y * inv_k, quant_dtype),
-                mask)
+  def rows(block, loaded, held):
+    """Normalizes and quantizes `block`'s rows; `loaded`: their chunks'
+    `load_input`, or None to load them here; `held`: the scale's chunks."""
+    def load_row(k, write_h):
+      if loaded is None:
+        return block.load_normalized_input(k, x_ref, r_ref, h_ref,
+                                           write_h=write_h,
+                                           interpret=interpret)
+      return block.normalized_input(k, loaded[k], r_ref, h_ref,
+                                    write_h=write_h, interpret=interpret)
 
-  # Pass 1: the sum of squares (and h).
-  xs, sq = block.sum_squares(load_row, num_chunks, resident)
-  mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
-  rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
-  if xs is not None:
-    ys = [normalized(k, x) for k, x in enumerate(xs)]
+    def normalized(k, x):
+      """y of chunk k, float32, as reference.forward computes it."""
+      y = x * rstd
+      if round_normalized:
+        y = common.round_trip(
+            y, x_ref.dtype if r_ref is None else r_ref.dtype, interpret)
+      if scale_ref is not None:
+        y = y * (held[k] if held is not None else scale_chunk(block, k))
+      return y
 
-  # The scale: static (its reciprocal computed outside), or the row's amax.
-  if static == "scalar":
-    inv = plgpu.load(inv_ref)[None, :]           # (1, 1)
-  elif static is None:
+    def chunk_amax(y):
+      return jnp.max(quantize.abs_nan_as_inf(y), axis=1, keepdims=True)
+
+    def write(k, y):
+      mask, col_mask = block.masks(k)
+      if static == "channel":
+        inv_k = block.load(inv_ref, k, col_mask)[None, :]
+      else:
+        inv_k = inv
+      block.store(q_ref, k, quantize.saturate_cast(y * inv_k, quant_dtype,
+                                                   clip=clip), mask)
+
+    # Pass 1: the sum of squares (and h).
+    xs, sq = block.sum_squares(load_row, num_chunks, resident)
+    mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
+    rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
     if xs is not None:
-      amax = chunk_amax(ys[0])
-      for y in ys[1:]:
-        amax = jnp.maximum(amax, chunk_amax(y))  # never NaN: maxnum is exact
-    else:
-      def chunk_max(k, acc):
-        return jnp.maximum(acc, chunk_amax(normalized(
-            k, load_row(k, write_h=False))))
-      amax = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk_max,
-                               jnp.zeros((block_rows, 1), jnp.float32))
-    row_scale = quantize.dynamic_scale(amax, quant_dtype)   # (rows, 1)
-    inv = jnp.float32(1) / row_scale
-    block.store_rows(s_ref, row_scale[:, 0])
+      ys = [normalized(k, x) for k, x in enumerate(xs)]
 
-  # Last pass: quantize and store.
-  if xs is not None:
-    for k, y in enumerate(ys):
-      write(k, y)
+    # The scale: static (its reciprocal computed outside), or the row's amax.
+    if static == "scalar":
+      inv = plgpu.load(inv_ref)[None, :]           # (1, 1)
+    elif static is None:
+      if xs is not None:
+        amax = chunk_amax(ys[0])
+        for y in ys[1:]:
+          amax = jnp.maximum(amax, chunk_amax(y))  # never NaN: maxnum is exact
+      else:
+        def chunk_max(k, acc):
+          return jnp.maximum(acc, chunk_amax(normalized(
+              k, load_row(k, write_h=False))))
+        amax = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks),
+                                 chunk_max,
+                                 jnp.zeros((block_rows, 1), jnp.float32))
+      row_scale = quantize.dynamic_scale(amax, quant_dtype)   # (rows, 1)
+      inv = jnp.float32(1) / row_scale
+      block.store_rows(s_ref, row_scale[:, 0])
+
+    # Last pass: quantize and store.
+    if xs is not None:
+      for k, y in enumerate(ys):
+        write(k, y)
+    else:
+      @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
+      def _(k):
+        write(k, normalized(k, load_row(k, write_h=False)))
+
+  if not steps:
+    rows(block_at(), None, None)
+    return
+  pid = pl.program_id(0)
+  step_block = lambda t: block_at((t * num_programs + pid) * block_rows)
+  held = None
+  if hold_scale and scale_ref is not None:
+    held = [scale_chunk(step_block(jnp.int32(0)), k)
+            for k in range(num_chunks)]
+  load = lambda block: [block.load_input(k, x_ref, r_ref)
+                        for k in range(num_chunks)]
+  if prefetch:
+    def step(t, loaded):
+      upcoming = load(step_block(t + 1))
+      rows(step_block(t), loaded, held)
+      return upcoming
+    jax.lax.fori_loop(jnp.int32(0), jnp.int32(steps), step,
+                      load(step_block(jnp.int32(0))))
   else:
-    @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
-    def _(k):
-      write(k, normalized(k, load_row(k, write_h=False)))
+    @pl.loop(jnp.int32(0), jnp.int32(steps))
+    def _(t):
+      rows(step_block(t), None, held)
 
 
 def forward(x: jax.Array, residual: jax.Array | None,
@@ -170,9 +221,20 @@ def forward(x: jax.Array, residual: jax.Array | None,
   logger.debug("rms_norm triton quantized forward: rows=%d n=%d dtype=%s "
                "quant_dtype=%s scale=%s residual=%s %s", m, n, x.dtype,
                quant_dtype, static or "dynamic", residual is not None, config)
-  block = (config.block_rows, config.block_cols * num_chunks)
+  row_blocks = pl.cdiv(m, config.block_rows)
+  num_programs, steps = row_blocks, 0
+  if config.programs_per_sm:
+    if not config.resident(n):
+      raise ValueError(f"{config}: a persistent grid needs rows held in "
+                       f"registers, which {n} columns are not")
+    num_programs = config.num_programs(m, platform.sm_count())
+    steps = pl.cdiv(row_blocks, num_programs)
+  # A persistent program's refs hold every row (padded to its last step).
+  block = (steps * num_programs * config.block_rows if steps
+           else config.block_rows, config.block_cols * num_chunks)
   args, in_specs, row_block = common.row_operands(
-      x, residual, scale, block_rows=block[0], block_cols=block[1])
+      x, residual, scale, block_rows=block[0], block_cols=block[1],
+      whole=bool(steps))
   if static is not None:
     inv = jnp.float32(1) / quant_scale.astype(jnp.float32)
     if static == "scalar":
@@ -189,15 +251,18 @@ def forward(x: jax.Array, residual: jax.Array | None,
     out_specs.append(row_block)
   if static is None:
     out_shape.append(avals.out_struct((m,), jnp.float32, *like))
-    out_specs.append(pl.BlockSpec(block[:1], lambda i: (i,)))
+    out_specs.append(pl.BlockSpec(block[:1], (lambda i: (0,)) if steps
+                                  else (lambda i: (i,))))
   kernel = functools.partial(
       _quantize_kernel, n=n, m=m, eps=epsilon, offset=scale_offset,
       quant_dtype=quant_dtype, has_residual=residual is not None,
       has_scale=scale is not None, static=static,
       round_normalized=cast_order == "hf", num_chunks=num_chunks,
-      resident=config.resident(n), interpret=interpret)
+      resident=config.resident(n), block_rows=config.block_rows,
+      steps=steps, num_programs=num_programs, prefetch=config.prefetch,
+      hold_scale=config.hold_scale, interpret=interpret)
   outs = common.launch(kernel, name=KERNEL_NAME, config=config,
-                       grid=(pl.cdiv(m, config.block_rows),),
+                       grid=(num_programs,),
                        in_specs=in_specs, out_specs=out_specs,
                        out_shape=out_shape, interpret=interpret)(*args)
   outs = list(outs)
