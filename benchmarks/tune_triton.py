@@ -157,6 +157,22 @@ def compact_candidates(n: int):
       chunk *= 2
 
 
+def quant_candidates(n: int, dtype: str):
+  """compact_candidates, and the heuristic's choice and its neighbours at
+  half and twice the warps as persistent grids of 2, 4 or 8 programs an SM,
+  each holding the scale, with and without loading the next rows ahead."""
+  yield from compact_candidates(n)
+  base = triton_config.get_quant_config(1, n, dtype)
+  if base.programs_per_sm or not base.resident(n):
+    return
+  for warps in (base.num_warps // 2, base.num_warps, base.num_warps * 2):
+    if not 1 <= warps <= 32:
+      continue
+    for per_sm, prefetch in itertools.product((2, 4, 8), (True, False)):
+      yield dataclasses.replace(base, num_warps=warps, programs_per_sm=per_sm,
+                                prefetch=prefetch, hold_scale=True)
+
+
 def backward_candidates(m: int, n: int, dtype: str):
   base = triton_config.get_backward_config(m, n, dtype)
   cols = pl.next_power_of_2(n)
@@ -358,7 +374,7 @@ def _quant_row(m, n, dtype, iterations, static: bool):
   make = lambda cfg: jax.jit(lambda a, s: triton_quantize.forward(
       a, None, s, quant_scale, epsilon=1e-6, scale_offset=0.0,
       quant_dtype=bench.QUANT_DTYPE, config=cfg))
-  return _timed_row(row, make, (x, scale), check, compact_candidates(n),
+  return _timed_row(row, make, (x, scale), check, quant_candidates(n, dtype),
                     iterations)
 
 
