@@ -156,9 +156,10 @@ def saturate_cast(v: jax.Array, quant_dtype, *, clip: bool = True
 
   clip=False leaves the clip to the cast itself: for fp8 in a kernel on a
   GPU whose conversion saturates (Hopper's cvt.rn.satfinite, which Triton
-  emits), where the two compares and selects an element cost 5-10% of the
-  quantized kernel's time. Never for int8, nor for XLA's convert, which
-  turns an fp8 overflow into NaN.
+  emits), where the two compares and selects an element cost time (bf16
+  4096 x 14336 on an H200, launch unchanged: 64.3 us with them, 59.3
+  without). Never for int8, nor for XLA's convert, which turns an fp8
+  overflow into NaN.
 
   Equivalent to `jnp.clip(v, -qmax, qmax).astype(quant_dtype)` for fp8 and
   `jnp.where(jnp.isnan(v), 0, jnp.round(jnp.clip(v, -127, 127)))

@@ -177,7 +177,9 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None
   get_config a function of n and dtype alone (a row's arithmetic, and so
   its scale, does not depend on the batch). Its table is its own: with
   1-byte outputs and a second row reduction (the amax), fewer warps holding
-  more of a row each won (the comments at _QUANT_SHORT_ROW_BYTES)."""
+  more of a row each won (the comments at _QUANT_SHORT_ROW_BYTES), and
+  rows held as one block run on a persistent grid (`_quant_persistent`;
+  the grid changes no row's arithmetic)."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
   cols = pl.next_power_of_2(n)
