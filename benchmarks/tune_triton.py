@@ -12,6 +12,7 @@ shapes). The best configurations feed `triton_config.get_config` /
   python -m benchmarks.tune_triton --out /tmp/tune.json
   python -m benchmarks.tune_triton --sweep backward --out /tmp/tune_bwd.json
   python -m benchmarks.tune_triton --sweep quant --out /tmp/tune_quant.json
+  python -m benchmarks.tune_triton --sweep quant-static-residual --out /tmp/t.json
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import json
 import sys
 
 import jax
+import numpy as np
 from jax.experimental import pallas as pl
 
 from jax_rmsnorm._src import api
 from jax_rmsnorm._src import bench
+from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import testing
 from jax_rmsnorm._src.triton import backward as triton_backward
 from jax_rmsnorm._src.triton import config as triton_config
@@ -109,11 +112,19 @@ QUANT_STATIC_SWEEP = (
     (65536, 896, "bfloat16"), (32768, 3072, "bfloat16"),
     (4096, 4099, "bfloat16"), (16, 4096, "bfloat16"),
 )
+# With the fused residual add (x and the residual read, h written too),
+# where the static variant was furthest from 1.5x XLA.
+QUANT_RESIDUAL_SWEEP = (
+    (65536, 896, "bfloat16"), (16384, 8192, "bfloat16"),
+    (32768, 4096, "bfloat16"), (4096, 4099, "bfloat16"),
+)
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP,
           "backward-registers": BACKWARD_REGISTERS_SWEEP,
           "forward-h200": FORWARD_H200_SWEEP, "quant": QUANT_SWEEP,
-          "quant-static": QUANT_STATIC_SWEEP}
+          "quant-static": QUANT_STATIC_SWEEP,
+          "quant-residual": QUANT_RESIDUAL_SWEEP,
+          "quant-static-residual": QUANT_RESIDUAL_SWEEP}
 
 
 def candidates(n: int):
@@ -157,14 +168,20 @@ def compact_candidates(n: int):
       chunk *= 2
 
 
-def quant_candidates(n: int, dtype: str):
-  """compact_candidates, and the heuristic's choice and its neighbours at
-  half and twice the warps as persistent grids of 2, 4 or 8 programs an SM,
-  each holding the scale, with and without loading the next rows ahead."""
+def quant_candidates(n: int, dtype: str, residual: bool = False,
+                     static: bool = False):
+  """The heuristic's choice, compact_candidates, and the heuristic's layout
+  (one block a program) at half, the same and twice its warps as persistent
+  grids of 2, 4 or 8 programs an SM, each holding the scale, with and
+  without loading the next rows ahead."""
+  base = triton_config.get_quant_config(1, n, dtype, residual=residual,
+                                        static=static)
+  yield base
   yield from compact_candidates(n)
-  base = triton_config.get_quant_config(1, n, dtype)
-  if base.programs_per_sm or not base.resident(n):
+  if not base.resident(n):
     return
+  base = dataclasses.replace(base, programs_per_sm=0, prefetch=False,
+                             hold_scale=False)
   for warps in (base.num_warps // 2, base.num_warps, base.num_warps * 2):
     if not 1 <= warps <= 32:
       continue
@@ -271,7 +288,8 @@ def main(argv=None):
                           backward_register_candidates)
     elif args.sweep.startswith("quant"):
       row = _quant_row(m, n, dtype, args.iterations,
-                       static=args.sweep == "quant-static")
+                       static="static" in args.sweep,
+                       residual="residual" in args.sweep)
     else:
       row = _forward_row(m, n, dtype, args.iterations,
                          compact=args.sweep == "forward-h200")
@@ -339,42 +357,52 @@ def _forward_row(m, n, dtype, iterations, compact=False):
       (compact_candidates if compact else candidates)(n), iterations)
 
 
-def _quant_row(m, n, dtype, iterations, static: bool):
+def _quant_row(m, n, dtype, iterations, static: bool, residual: bool):
   """The quantized kernel to float8_e4m3fn: dynamic per-token scales, or a
-  static scalar scale; XLA's time is the reference's (its fusion)."""
+  static scalar scale, with or without the fused residual add (h checked
+  bit for bit); XLA's time is the reference's (its fusion)."""
   x, scale = testing.random_inputs(0, (m, n), dtype)
-  y64 = testing.oracle(x, scale)
+  r = testing.random_inputs(1, (m, n), dtype)[0] if residual else None
+  h = None if r is None else np.asarray(reference.residual_add(x, r))
+  y64 = testing.oracle(x if h is None else h, scale)
   quant_scale = (jax.numpy.float32(bench.QUANT_STATIC_SCALE) if static
                  else None)
   rel = testing.quantized_relative_error(n)
 
   def check(out):
-    y_q, row_scales, _ = out
+    y_q, row_scales, h_out = out
     s = quant_scale if static else row_scales
     worst = [testing.quantized_excess(y_q, s, y64, bench.QUANT_DTYPE, rel)]
     if not static:
       worst.append(testing.scales_excess(row_scales, y64, bench.QUANT_DTYPE,
                                          n))
+    if h is not None:
+      worst.append(testing.Worst(
+          -np.inf if np.array_equal(np.asarray(h_out), h) else np.inf,
+          ("h",)))
     return testing.worst_of(*worst)
 
-  xla = jax.jit(functools.partial(
-      api.rms_norm_quantized, quant_dtype=bench.QUANT_DTYPE,
-      quant_scale=quant_scale, implementation="xla"))
+  op = "quant" + ("-static" if static else "") + (
+      "-residual" if residual else "")
+  xla = jax.jit(lambda a, s, res: api.rms_norm_quantized(
+      a, s, quant_dtype=bench.QUANT_DTYPE, quant_scale=quant_scale,
+      residual=res, implementation="xla"))
   # Bytes read and written over the copy speed: the quantized output's
   # byte floor (bench.quant_bytes).
-  nbytes = bench.OP_BYTES["quant-static" if static else "quant"](
-      m, n, dtype, scale.dtype)
+  nbytes = bench.OP_BYTES[op](m, n, dtype, scale.dtype)
   ceiling = bench.copy_ceiling(m, n, dtype)
-  row = dict(m=m, n=n, dtype=dtype, static=static,
-             copy_us=ceiling["copy_us"],
+  row = dict(m=m, n=n, dtype=dtype, op=op, copy_us=ceiling["copy_us"],
              floor_us=nbytes / ceiling["copy_gbps"] / 1e3,
-             xla_us=bench.measure_us(xla, x, scale),
-             default=str(triton_config.get_quant_config(m, n, dtype)),
+             xla_us=bench.measure_us(xla, x, scale, r),
+             default=str(triton_config.get_quant_config(
+                 m, n, dtype, residual=residual, static=static)),
              configs=[])
-  make = lambda cfg: jax.jit(lambda a, s: triton_quantize.forward(
-      a, None, s, quant_scale, epsilon=1e-6, scale_offset=0.0,
+  make = lambda cfg: jax.jit(lambda a, s, res: triton_quantize.forward(
+      a, res, s, quant_scale, epsilon=1e-6, scale_offset=0.0,
       quant_dtype=bench.QUANT_DTYPE, config=cfg))
-  return _timed_row(row, make, (x, scale), check, quant_candidates(n, dtype),
+  return _timed_row(row, make, (x, scale, r), check,
+                    dict.fromkeys(quant_candidates(n, dtype, residual,
+                                                   static)),
                     iterations)
 
 
