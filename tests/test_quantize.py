@@ -138,6 +138,7 @@ CASES = [
     ((2, 14336), "float32", "float32", "int8", "dynamic", {}),
     ((2, 14336), "float16", None, "float8_e5m2", "scalar", {}),
     ((3, 4099), "float32", None, "float8_e5m2", "dynamic", {}),
+    ((5, 4099), "bfloat16", None, "float8_e4m3fn", "dynamic", {}),
     ((6, 4099), "bfloat16", "bfloat16", "int8", "scalar", {}),
     ((2, 16411), "float32", None, "int8", "dynamic", {}),
     ((2, 16411), "bfloat16", "bfloat16", "float8_e4m3fn", "channel", {}),
@@ -224,7 +225,7 @@ def test_chunked_loop_and_partial_blocks(impl, mode, monkeypatch):
 
 # A persistent grid (each program loops over every grid-th block of rows),
 # with the scale held across the loop and the next rows loaded ahead or not;
-# blocks of 1, 2 and 4 rows, one and two chunks a row.
+# blocks of 1, 2 and 4 rows, one, two and four chunks a row.
 PERSISTENT_CONFIGS = [
     triton_config.Config(block_rows=1, block_cols=256, num_warps=4,
                          programs_per_sm=1, prefetch=True, hold_scale=True),
@@ -232,6 +233,10 @@ PERSISTENT_CONFIGS = [
                          programs_per_sm=1),
     triton_config.Config(block_rows=4, block_cols=256, num_warps=4,
                          programs_per_sm=2, prefetch=True),
+    # Rows of 200 held as four chunks of 64, the last partial, loaded ahead
+    # with the scale held: the layout get_quant_config gives 4099.
+    triton_config.Config(block_rows=1, block_cols=64, num_warps=2,
+                         programs_per_sm=2, prefetch=True, hold_scale=True),
 ]
 
 
@@ -464,6 +469,7 @@ LOWERING_SHAPES = [
     ((2, 14336), "float32", "float32"),   # 7 chunks held in registers
     ((2, 16411), "bfloat16", None),       # chunked loops, prime N
     ((301, 96), "float32", "float32"),    # several rows per program
+    ((5, 4099), "bfloat16", None),        # chunks on a persistent grid
     ((9, 1), "float16", None),
 ]
 

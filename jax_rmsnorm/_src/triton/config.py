@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -139,6 +140,36 @@ _QUANT_SHORT_BLOCK_BYTES = 8192
 # doubles the registers of 128 elements a thread); float32 is untried.
 _QUANT_PERSISTENT_MAX_PER_THREAD = 32
 _QUANT_PROGRAMS_PER_SM = 4
+# Other widths below 8192 (`python -m benchmarks.unaligned_rows`,
+# benchmarks/results/unaligned_rows_h200.log, bf16 4096 rows, dynamic /
+# static): rows of 2-byte elements that start on 16 bytes are held as chunks
+# of 1024 too (4224: 19.2 / 15.9 us against 21.9 / 19.2 as quarters of the
+# padded width; 4104: 19.0 / 16.3 either way). Rows that do not (4099: the
+# kernel loads and stores one element at a time; 4104, the same layouts
+# aligned, ran 29% / 28% faster) are held as quarters, on a persistent grid
+# of 8 programs an SM loading the next row ahead: 25.3 / 21.4 against 26.9
+# / 23.1 one row a program, 29.1 / 24.9 as chunks of 1024. Float32 widths
+# keep quarters, one row a program (untimed).
+_QUANT_UNALIGNED_PROGRAMS_PER_SM = 8
+# With a residual (x and the residual read, h written too) the persistent
+# grid lost: loading ahead doubles the registers of two inputs. One block a
+# program instead (bf16 65536 x 896 static: 104.4 us against 127.3 on the
+# persistent grid), and a row held as one block spread at 8 elements a
+# thread: static 2048 x 4096 in 16.7 us on 16 warps against 18.1 on 4,
+# 32768 x 4096 235.6 against 244.3, 4096 x 2048 16.2 on 8 warps against
+# 17.2 (dynamic alike; 16384 x 8192 within 2% either way). `python -m
+# benchmarks.tune_triton --sweep quant-static-residual` and quant-residual;
+# tune_triton_quant*residual_h200.json. Measured on bf16 rows of 2048 to
+# 8192; float32 and wider rows keep the one-block layout's warps.
+_QUANT_RESIDUAL_PER_THREAD = 8
+_QUANT_RESIDUAL_SPREAD_MAX_COLS = 8192
+# With a static scale (no amax), bf16 rows past 8192 held as chunks of 4096
+# on 16 warps, one persistent program an SM loading the next row ahead: 4096
+# x 14336 in 50.7 us against 65.9 as two halves on 4 warps; the dynamic
+# kernel gained nothing there (60.0 against 60.2).
+# tune_triton_quant_wide_h200.json.
+_QUANT_STATIC_WIDE = dict(block_cols=4096, num_warps=16, programs_per_sm=1,
+                          prefetch=True, hold_scale=True)
 
 
 def get_config(rows: int, n: int, dtype, device_kind: str | None = None
@@ -171,48 +202,68 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None
   return Config(block_rows=block_rows, block_cols=cols, num_warps=num_warps)
 
 
-def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None
+def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
+                     *, residual: bool = False, static: bool = False
                      ) -> Config:
   """Picks the quantized kernel's launch configuration; pure, and like
   get_config a function of n and dtype alone (a row's arithmetic, and so
   its scale, does not depend on the batch). Its table is its own: with
   1-byte outputs and a second row reduction (the amax), fewer warps holding
-  more of a row each won (the comments at _QUANT_SHORT_ROW_BYTES), and
-  rows held as one block run on a persistent grid (`_quant_persistent`;
-  the grid changes no row's arithmetic)."""
+  more of a row each won (the comments at _QUANT_SHORT_ROW_BYTES). Without
+  a residual, rows held as one block, and unaligned rows, run on a
+  persistent grid (`_quant_persistent`; the grid changes no row's
+  arithmetic); `residual` (a fused add) keeps one block a program, spread
+  over more warps; `static` (a static scale) changes the launch of bf16
+  rows past 8192."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
   cols = pl.next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS or cols * itemsize > _WARPS_BY_BYTES[-1][0]:
     # Looped, or float32 rows past 8192: the forward's chunked layouts.
     return get_config(1, n, dtype)
+  persistent = functools.partial(_quant_persistent, itemsize=itemsize,
+                                 residual=residual)
   if cols * itemsize <= _QUANT_SHORT_ROW_BYTES:
     block_rows = _QUANT_SHORT_BLOCK_BYTES // (cols * itemsize)
-    return _quant_persistent(
+    return persistent(
         Config(block_rows=block_rows, block_cols=cols,
-               num_warps=max(1, block_rows * cols // (32 * 16))), itemsize)
+               num_warps=max(1, block_rows * cols // (32 * 16))))
   one_block = Config(block_rows=1, block_cols=cols,
                      num_warps=max(4, cols * itemsize // 2048))
   if n == cols:
-    return _quant_persistent(one_block, itemsize)
-  if n % 1024 == 0 and n < 8192:
+    if residual and itemsize == 2 and cols <= _QUANT_RESIDUAL_SPREAD_MAX_COLS:
+      return dataclasses.replace(one_block, num_warps=max(
+          one_block.num_warps, cols // (32 * _QUANT_RESIDUAL_PER_THREAD)))
+    return persistent(one_block)
+  quarters = False
+  if n < 8192 and (n % 1024 == 0 or (itemsize == 2 and n % 8 == 0)):
     chunk = 1024
   elif n > 8192:
+    if static and not residual and itemsize == 2:
+      return Config(block_rows=1, **_QUANT_STATIC_WIDE)
     chunk = cols // 2
   else:
-    chunk = cols // 4
+    chunk, quarters = cols // 4, True
   if chunk < 1024:
-    return _quant_persistent(one_block, itemsize)
-  return Config(block_rows=1, block_cols=chunk, num_warps=2 * itemsize)
+    return persistent(one_block)
+  chunked = Config(block_rows=1, block_cols=chunk, num_warps=2 * itemsize)
+  if quarters:
+    return persistent(chunked,
+                      programs_per_sm=_QUANT_UNALIGNED_PROGRAMS_PER_SM)
+  return chunked
 
 
-def _quant_persistent(config: Config, itemsize: int) -> Config:
-  """`config` (one block a row, or several short rows) on a persistent grid
-  where that was measured to win: 2-byte inputs, few elements a thread."""
+def _quant_persistent(config: Config, itemsize: int, residual: bool,
+                      programs_per_sm: int = _QUANT_PROGRAMS_PER_SM
+                      ) -> Config:
+  """`config` on a persistent grid where that was measured to win: 2-byte
+  inputs, no residual, at most _QUANT_PERSISTENT_MAX_PER_THREAD elements a
+  thread in a block (or chunk) of rows."""
   per_thread = config.block_rows * config.block_cols // (32 * config.num_warps)
-  if itemsize != 2 or per_thread > _QUANT_PERSISTENT_MAX_PER_THREAD:
+  if itemsize != 2 or residual or (
+      per_thread > _QUANT_PERSISTENT_MAX_PER_THREAD):
     return config
-  return dataclasses.replace(config, programs_per_sm=_QUANT_PROGRAMS_PER_SM,
+  return dataclasses.replace(config, programs_per_sm=programs_per_sm,
                              prefetch=True, hold_scale=True)
 
 

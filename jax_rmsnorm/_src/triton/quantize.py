@@ -213,7 +213,9 @@ def forward(x: jax.Array, residual: jax.Array | None,
   check_supported(m, n, quant_dtype)
   if config is None:
     config = triton_config.get_quant_config(m, n, x.dtype,
-                                            platform.device_kind())
+                                            platform.device_kind(),
+                                            residual=residual is not None,
+                                            static=quant_scale is not None)
   num_chunks = config.num_chunks(n)
   static = None
   if quant_scale is not None:
