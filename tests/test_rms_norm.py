@@ -125,8 +125,12 @@ def test_explicit_configs(config, max_one_pass, interpret, monkeypatch):
   assert_close(y, oracle(x, scale), "float32", 1000)
 
 
-@pytest.mark.parametrize("heuristic", [triton_config.get_config,
-                                       triton_config.get_quant_config])
+@pytest.mark.parametrize("heuristic", [
+    triton_config.get_config, triton_config.get_quant_config,
+    functools.partial(triton_config.get_quant_config, residual=True),
+    functools.partial(triton_config.get_quant_config, static=True),
+    functools.partial(triton_config.get_quant_config, residual=True,
+                      static=True)], ids=str)
 def test_heuristic_is_pure_and_batch_independent(heuristic):
   for n in (1, 7, 896, 1000, 3072, 4099, 5120, 14336, 16385, 65536):
     for dtype in DTYPES:
