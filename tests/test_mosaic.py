@@ -21,12 +21,15 @@ import pytest
 
 import jax_rmsnorm
 from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import quantize
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import testing
 from jax_rmsnorm._src.mosaic import backward as mosaic_backward
 from jax_rmsnorm._src.mosaic import common
 from jax_rmsnorm._src.mosaic import config as mosaic_config
 from jax_rmsnorm._src.mosaic import forward as mosaic_forward
+from jax_rmsnorm._src.mosaic import quantize as mosaic_quantize
+from tests import test_quantize
 from tests.test_lowering import _abstract_h100
 
 EPS = 1e-6
@@ -126,6 +129,92 @@ def test_forward_matches_oracle(shape, dtype, res_dtype, scale_dtype, offset,
   rstd_ref = 1 / np.sqrt(np.mean(xf * xf, -1) + EPS)
   np.testing.assert_allclose(_f64(rstd), rstd_ref, rtol=testing.tolerance(
       jnp.float32, n))
+
+
+# The quantized output: (shape, x dtype, residual dtype, quant dtype, scale
+# mode, cast order). Every quant dtype and scale mode, a residual of x's
+# dtype and of float32, a chunk tail (896 = 512 + tail, 1040), one row.
+QUANT_CASES = [
+    ((5, 896), "bfloat16", None, "float8_e4m3fn", "dynamic", "float32"),
+    ((3, 1024), "bfloat16", "bfloat16", "int8", "channel", "float32"),
+    ((4, 1040), "float32", None, "float8_e5m2", "scalar", "hf"),
+    ((2, 4096), "bfloat16", "float32", "float8_e4m3fn", "dynamic", "float32"),
+    ((1, 2048), "float16", None, "int8", "dynamic", "hf"),
+    ((7, 512), "bfloat16", "bfloat16", "float8_e5m2", "channel", "float32"),
+]
+
+
+def _mosaic_quantized(quant_dtype, cast_order="float32"):
+  return jax.jit(functools.partial(
+      mosaic_quantize.forward, epsilon=EPS, scale_offset=0.0,
+      quant_dtype=quant_dtype, cast_order=cast_order, interpret=True))
+
+
+@requires_interpret
+@pytest.mark.parametrize("shape,dtype,res_dtype,quant_dtype,mode,cast_order",
+                         QUANT_CASES, ids=str)
+def test_quantized_matches_oracle(shape, dtype, res_dtype, quant_dtype, mode,
+                                  cast_order):
+  """The Mosaic kernel's quantized output, judged as test_quantize judges
+  every implementation: codes within their bound of the float64 y over the
+  scale used, dynamic scales within tolerance of max|y| / qmax, h exact."""
+  n = shape[-1]
+  x, residual, scale = test_quantize._inputs(shape, dtype, res_dtype)
+  quant_scale = (None if mode == "dynamic"
+                 else test_quantize._static_scale(mode, n, quant_dtype))
+  y_q, s, h = _mosaic_quantized(quant_dtype, cast_order)(x, residual, scale,
+                                                          quant_scale)
+  assert y_q.shape == x.shape and y_q.dtype == jnp.dtype(quant_dtype)
+  if residual is None:
+    assert h is None
+  else:
+    np.testing.assert_array_equal(np.asarray(h),
+                                  test_quantize.oracle_h(x, residual))
+  norm_dtype = dtype if residual is None else res_dtype
+  y64 = test_quantize.oracle_y(x, residual, scale, cast_order=cast_order)
+  rel = test_quantize.relative_error_bound(n, cast_order, norm_dtype)
+  if mode == "dynamic":
+    assert s.shape == shape[:-1] + (1,) and s.dtype == jnp.float32
+    test_quantize.assert_scales_close(s, y64, quant_dtype, n)
+    test_quantize.assert_top_code(y_q, quant_dtype)
+  else:
+    assert s is None
+    s = quant_scale
+  test_quantize.assert_quantized_close(y_q, s, y64, quant_dtype, rel)
+
+
+@requires_interpret
+def test_quantized_saturates_and_contains_nan():
+  """A static scale 100x too small clips to +-qmax (interpret mode clips
+  as Hopper's satfinite convert does); a NaN stays in its row."""
+  x, _, scale = test_quantize._inputs((4, 512), "bfloat16")
+  x = x.at[2, 7].set(jnp.nan)
+  y_q = _mosaic_quantized("float8_e4m3fn")(x, None, scale,
+                                           jnp.float32(1e-4)).y_q
+  codes = _f64(y_q)
+  top = float(jnp.finfo(jnp.float8_e4m3fn).max)
+  finite = np.delete(codes, 2, axis=0)
+  assert np.all(np.abs(finite) <= top) and np.any(np.abs(finite) == top)
+  assert np.isnan(codes[2]).any()
+  y_q, s, _ = _mosaic_quantized("float8_e4m3fn")(x, None, scale, None)
+  assert np.isfinite(_f64(s)[[0, 1, 3]]).all()
+  assert np.isfinite(_f64(y_q)[[0, 1, 3]]).all()
+
+
+@requires_interpret
+def test_quantized_rows_do_not_depend_on_the_batch():
+  """A row's codes and scale are the same bits alone, in a block of rows,
+  or at another place in the batch."""
+  x, residual, scale = test_quantize._inputs((9, 1024), "bfloat16",
+                                             "bfloat16")
+  fn = _mosaic_quantized("float8_e4m3fn")
+  bits = lambda a: np.asarray(a).view(np.uint8 if a.dtype.itemsize == 1
+                                      else np.uint32)
+  full = fn(x, residual, scale, None)
+  for rows in (slice(0, 1), np.array([8, 3, 5])):
+    part = fn(x[rows], residual[rows], scale, None)
+    for p, f in zip(part, full):
+      np.testing.assert_array_equal(bits(p), bits(f)[rows])
 
 
 # (shape, x dtype, dy dtype, dh, scale dtype, offset, cast order).
@@ -346,6 +435,39 @@ def test_kernels_lower_for_cuda(m, n, dtype, res_dtype, scale_dtype,
                      mosaic_backward.KERNEL_NAME)
 
 
+# The quantized kernel: every quant dtype and scale mode, the residual, the
+# widths of the large shapes (896 with a tail).
+QUANT_LOWERING_CASES = [
+    (32768, 896, "bfloat16", None, "float8_e4m3fn", "dynamic"),
+    (32768, 4096, "bfloat16", "bfloat16", "float8_e4m3fn", "dynamic"),
+    (8192, 5120, "bfloat16", None, "int8", "channel"),
+    (4096, 14336, "bfloat16", "bfloat16", "float8_e5m2", "scalar"),
+    (16, 4096, "float32", None, "int8", "dynamic"),
+]
+
+
+@pytest.mark.usefixtures("_sm90_grid")
+@pytest.mark.parametrize("m,n,dtype,res_dtype,quant_dtype,mode",
+                         QUANT_LOWERING_CASES, ids=str)
+def test_quantized_kernel_lowers_for_cuda(m, n, dtype, res_dtype, quant_dtype,
+                                          mode):
+  x = _struct((m, n), dtype)
+  residual = _struct((m, n), res_dtype)
+  scale = _struct((n,), "float32")
+  quant_scale = {"dynamic": None, "scalar": _struct((), "float32"),
+                 "channel": _struct((n,), "float32")}[mode]
+  fn = functools.partial(mosaic_quantize.forward, epsilon=EPS,
+                         scale_offset=0.0, quant_dtype=quant_dtype)
+  _assert_one_kernel(_lower_for_cuda(fn, x, residual, scale, quant_scale),
+                     mosaic_quantize.KERNEL_NAME)
+
+
+def test_quantized_refuses_unaligned_codes():
+  with pytest.raises(NotImplementedError, match="multiple of 16"):
+    mosaic_quantize.check_supported(64, 1000, "float8_e4m3fn")
+  mosaic_quantize.check_supported(64, 1008, "int8")
+
+
 @pytest.mark.skipif(not platform.on_cuda_gpu() or (
     platform.compute_capability() or 0) < 9.0,
                     reason="compiled Mosaic GPU kernels need a Hopper GPU")
@@ -373,6 +495,49 @@ def test_compiled_kernels_match_oracle(m, n, dtype):
   worst = testing.grads_excess(dx, dscale, testing.oracle_grad(x, scale, dy),
                                dtype, "float32")
   assert worst.excess <= 0, worst
+
+
+@pytest.mark.skipif(not platform.on_cuda_gpu() or (
+    platform.compute_capability() or 0) < 9.0,
+                    reason="compiled Mosaic GPU kernels need a Hopper GPU")
+@pytest.mark.parametrize("m,n,dtype,res_dtype,quant_dtype,mode", [
+    (2048, 4096, "bfloat16", None, "float8_e4m3fn", "dynamic"),
+    (600, 896, "bfloat16", "bfloat16", "float8_e4m3fn", "dynamic"),
+    (13, 5120, "bfloat16", None, "float8_e5m2", "scalar"),
+    (128, 14336, "bfloat16", "bfloat16", "int8", "channel"),
+    (97, 1152, "float16", None, "int8", "dynamic"),
+    (256, 4096, "float32", "float32", "float8_e4m3fn", "channel")], ids=str)
+def test_compiled_quantized_matches_oracle(m, n, dtype, res_dtype,
+                                           quant_dtype, mode):
+  """The compiled Mosaic quantized kernel through the public API, against
+  the float64 oracle, on the GPU (fp8 saturation by the hardware's
+  convert: the interpret-mode tests clip in software)."""
+  x, residual, scale = test_quantize._inputs((m, n), dtype, res_dtype)
+  quant_scale = (None if mode == "dynamic"
+                 else test_quantize._static_scale(mode, n, quant_dtype))
+  fn = jax.jit(lambda x, r, s, q: jax_rmsnorm.rms_norm_quantized(
+      x, s, quant_dtype=quant_dtype, quant_scale=q, residual=r,
+      implementation="mosaic"))
+  out = fn(x, residual, scale, quant_scale)
+  out = out if isinstance(out, tuple) else (out,)
+  y_q, s = out[0], (out[1] if mode == "dynamic" else quant_scale)
+  if residual is not None:
+    np.testing.assert_array_equal(np.asarray(out[-1]),
+                                  test_quantize.oracle_h(x, residual))
+  norm_dtype = dtype if residual is None else res_dtype
+  y64 = test_quantize.oracle_y(x, residual, scale)
+  if mode == "dynamic":
+    test_quantize.assert_scales_close(s, y64, quant_dtype, n)
+  test_quantize.assert_quantized_close(
+      y_q, s, y64, quant_dtype,
+      test_quantize.relative_error_bound(n, "float32", norm_dtype))
+  # Saturation by the convert: a static scale 100x too small for the
+  # largest |y| gives +-qmax, never NaN or Inf.
+  top = float(quantize.qmax(quant_dtype))
+  tiny = jnp.float32(np.max(np.abs(y64)) / (100 * top))
+  y_q = fn(x, residual, scale, tiny)
+  y_q = (y_q if not isinstance(y_q, tuple) else y_q[0])
+  assert np.all(np.abs(_f64(y_q)) <= top) and np.any(np.abs(_f64(y_q)) == top)
 
 
 @requires_interpret

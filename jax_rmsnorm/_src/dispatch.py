@@ -48,6 +48,7 @@ _KERNEL_MODULES = {
                    common="jax_rmsnorm._src.triton.common"),
     "mosaic": dict(forward="jax_rmsnorm._src.mosaic.forward",
                    backward="jax_rmsnorm._src.mosaic.backward",
+                   quant="jax_rmsnorm._src.mosaic.quantize",
                    common="jax_rmsnorm._src.mosaic.common"),
 }
 # The reference's function per op: the CPU side of every automatic choice.

@@ -3,6 +3,7 @@ on the Mosaic GPU backend (`plgpu.kernel`, Hopper)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -14,6 +15,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_rmsnorm._src import avals
 from jax_rmsnorm._src import platform
+from jax_rmsnorm._src import quantize
 from jax_rmsnorm._src import validation
 from jax_rmsnorm._src.mosaic import common
 from jax_rmsnorm._src.mosaic import config as mosaic_config
@@ -24,14 +26,25 @@ logger = logging.getLogger("jax_rmsnorm")
 KERNEL_NAME = "jax_rmsnorm_mosaic_fwd"
 
 
+@dataclasses.dataclass(frozen=True)
+class Quant:
+  """y written as `dtype` codes (rms_norm_quantized; `mosaic/quantize.py`):
+  y times the reciprocal of a static scale, an input of n float32 per
+  column (`static`), or of each row's scale, amax / qmax, which is written
+  where rstd would be."""
+  dtype: jnp.dtype
+  static: bool
+
+
 def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
                     ctas: int, eps: float, offset: float, has_residual: bool,
                     has_scale: bool, save_rstd: bool, round_normalized: bool,
-                    y_in_place: bool, interpret: bool):
+                    y_in_place: bool, quant: Quant | None, interpret: bool):
   """CTA c normalizes the row blocks c, c + ctas, ... (common.Blocks),
   `config.stages` of them in shared memory at once (common.pipeline).
 
-  Refs: x, [residual], [scale], y, [h], [rstd] in GMEM; then the SMEM
+  Refs: x, [residual], [scale], [the static quant scale's reciprocal], y,
+  [h], [rstd, or the dynamic quant scales] in GMEM; then the SMEM
   buffers x (stages, rows, n), [residual], [y], [scale (when
   config.scale_in_smem: copied once per CTA)], the load barriers (one a
   stage) and [the scale's barrier]. With a residual, h = x + residual
@@ -41,12 +54,16 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
   A block is read from shared memory twice, chunk by chunk: the first pass
   sums the squares (elementwise over the chunks, then one reduction per
-  row), the second writes y. Every read of HBM happens once, by TMA.
+  row), the second writes y. With `quant`, y is scaled and saturated into
+  codes (`quantize.saturate`, the cast on the store); a dynamic scale takes
+  a pass between the two for each row's amax. Every read of HBM happens
+  once, by TMA.
   """
   refs = list(refs)
   x_gmem = refs.pop(0)
   r_gmem = refs.pop(0) if has_residual else None
   w_gmem = refs.pop(0) if has_scale else None
+  inv_gmem = refs.pop(0) if quant is not None and quant.static else None
   y_gmem = refs.pop(0)
   h_gmem = refs.pop(0) if has_residual else None
   rstd_gmem = refs.pop(0) if save_rstd else None
@@ -67,18 +84,27 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   f32 = jnp.float32
   norm_dtype = x_smem.dtype if r_smem is None else r_smem.dtype
 
-  def scale_of(k):
-    """offset + scale of chunk k, float32, broadcast over the rows."""
+  def columns_of(k, ref_gmem, ref_smem=None):
+    """Chunk k of a per-column vector (the scale), float32, broadcast over
+    the rows."""
     window = pl.ds(chunks.start(k), cols)
-    if w_smem is not None:
-      w = common.load(w_smem.at[window], common.column_layout(vec),
+    if ref_smem is not None:
+      w = common.load(ref_smem.at[window], common.column_layout(vec),
                       interpret)
     else:
-      w = common.load_gmem(w_gmem.at[window], common.column_layout(vec),
+      w = common.load_gmem(ref_gmem.at[window], common.column_layout(vec),
                            interpret)
-    w = jnp.float32(offset) + w.astype(f32)
-    return common.with_layout(lax.broadcast_in_dim(w, shape, (1,)), layout,
-                              interpret)
+    return common.with_layout(lax.broadcast_in_dim(w.astype(f32), shape, (1,)),
+                              layout, interpret)
+
+  def scale_of(k):
+    """offset + scale of chunk k, float32, broadcast over the rows."""
+    return jnp.float32(offset) + columns_of(k, w_gmem, w_smem)
+
+  def by_rows(values):
+    """A (rows,) vector of per-row values broadcast over a chunk."""
+    return common.with_layout(lax.broadcast_in_dim(values, shape, (0,)),
+                              layout, interpret)
 
   def tail_mask(value):
     """Zero the columns the tail shares with the chunk before it."""
@@ -120,22 +146,46 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
       io.put(r_s, chunks.tail_start, held.pop())
     mean_sq = jnp.sum(acc, axis=1) / jnp.float32(n)
     rstd = lax.rsqrt(mean_sq + jnp.float32(eps))
-    if rstd_gmem is not None:
+    if rstd_gmem is not None and quant is None:
       common.store_rows(rstd_gmem, start, rstd)
     if r_s is not None:
       common.sync()  # h, written by every thread, is read back below.
-    rstd = common.with_layout(lax.broadcast_in_dim(rstd, shape, (0,)),
-                              layout, interpret)
-
-    # Pass 2: y.
+    rstd = by_rows(rstd)
     src = x_s if r_s is None else r_s
 
-    def normalize(k, carry):
+    def normalized(k):
+      """y of chunk k, float32, as reference.forward computes it."""
       y = io.get(src, chunks.start(k)) * rstd
       if round_normalized:
         y = common.round_trip(y, norm_dtype, interpret)
       if w_gmem is not None:
         y = y * scale_of(k)
+      return y
+
+    if quant is not None and not quant.static:
+      # Each row's amax (the tail's repeated columns change no maximum).
+      def amax_of(k, acc):
+        a = quantize.abs_nan_as_inf(normalized(k))
+        return a if acc is None else jnp.maximum(acc, a)
+      row_scale = quantize.dynamic_scale(
+          jnp.max(chunks.visit(amax_of), axis=1), quant.dtype)
+      common.store_rows(rstd_gmem, start, row_scale)
+      inv = by_rows(jnp.float32(1) / row_scale)
+
+    def codes(k, y):
+      """y of chunk k as the quantized output's values (cast on the store):
+      scaled and saturated. Hopper's fp8 convert saturates (satfinite);
+      interpret mode's (XLA's) does not, and int8 rounds after the clip."""
+      inv_k = columns_of(k, inv_gmem) if quant.static else inv
+      return quantize.saturate(y * inv_k, quant.dtype,
+                               clip=interpret or quant.dtype == jnp.int8,
+                               round_even=jnp.round)
+
+    # Pass 2: y.
+    def normalize(k, carry):
+      y = normalized(k)
+      if quant is not None:
+        y = codes(k, y)
       if chunks.is_tail(k):
         held.append(y)
         if y_over_x:
@@ -182,11 +232,16 @@ def forward(x: jax.Array, residual: jax.Array | None,
             scale: jax.Array | None, *, epsilon: float, scale_offset: float,
             out_dtype=None, cast_order: str = "float32",
             save_rstd: bool = False, interpret: bool = False,
-            config: mosaic_config.Config | None = None) -> ForwardOutputs:
+            config: mosaic_config.Config | None = None,
+            quant: Quant | None = None,
+            quant_inv: jax.Array | None = None) -> ForwardOutputs:
   """RMSNorm of validated, non-empty `x` (plus `residual`) in one kernel.
 
-  Raises NotImplementedError past the kernel's limits
-  (`common.check_supported`).
+  quant: y as quantized codes of `quant.dtype` (then out_dtype is that
+  dtype), times `quant_inv` ((n,) float32: 1 / a static scale) or, for a
+  dynamic scale, times 1 / each row's scale, which takes rstd's place in
+  the outputs (save_rstd). Raises NotImplementedError past the kernel's
+  limits (`common.check_supported`).
   """
   n = x.shape[-1]
   m = x.size // n
@@ -203,6 +258,11 @@ def forward(x: jax.Array, residual: jax.Array | None,
     common.check_supported(m, n, y_dtype)
   if scale is not None:
     scale = common.aligned_scale(scale)
+  if quant is not None and (out_dtype != quant.dtype or save_rstd == quant.static
+                            or (quant_inv is not None) != quant.static):
+    raise ValueError(f"{quant=} needs out_dtype={quant.dtype}, "
+                     f"save_rstd={not quant.static} and a quant_inv exactly "
+                     "when static")
   multiple = max(mosaic_config.row_multiple(n, jnp.dtype(d).itemsize)
                  for d in tiles[:1 + (residual is not None)])
   if config is None:
@@ -223,6 +283,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
     args.append(residual.reshape(m, n))
   if scale is not None:
     args.append(scale)
+  if quant_inv is not None:
+    args.append(quant_inv)
   like = (x, residual, scale)
   out_type = [avals.out_struct((m, n), y_dtype, *like)]
   if residual is not None:
@@ -245,7 +307,7 @@ def forward(x: jax.Array, residual: jax.Array | None,
       offset=scale_offset, has_residual=residual is not None,
       has_scale=scale is not None, save_rstd=save_rstd,
       round_normalized=cast_order == "hf", y_in_place=y_in_place,
-      interpret=bool(interpret))
+      quant=quant, interpret=bool(interpret))
   outs = common.launch(kernel, name=KERNEL_NAME, out_type=out_type,
                        scratch_types=scratch, ctas=ctas,
                        interpret=interpret)(*args)
