@@ -3,6 +3,7 @@ kernel family (a future JAX may remove Pallas's Triton backend)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import pathlib
 import subprocess
@@ -77,6 +78,42 @@ def test_package_works_without_the_triton_backend():
       warnings[0]), out
   assert "named: the 'triton' kernels cannot be imported" in out, out
   assert "ok (3, 256)" in out, out
+
+
+_WITHOUT_TRITON_ON_HOPPER = textwrap.dedent("""
+    import sys
+    sys.modules["jax.experimental.pallas.triton"] = None  # as if removed
+    import jax.numpy as jnp
+    from jax_rmsnorm._src import dispatch, platform
+    platform.on_cuda_gpu = lambda: True      # a Hopper GPU
+    platform.compute_capability = lambda: 9.0
+    ops = ("forward", "backward", "quant", "quant-static")
+    for m, n in ((4096, 4096), (16, 1000)):
+      problem = dispatch.Problem(m, n, jnp.dtype("bfloat16"),
+                                 jnp.dtype("float8_e4m3fn"))
+      print(m, n, dict(dispatch.plan(ops, problem, None, False).names))
+""")
+
+
+def test_without_the_triton_backend_hopper_runs_mosaic():
+  """On Hopper without Pallas's Triton backend, every op the table gives
+  to Triton falls back to its Mosaic kernel where that can run (the
+  quantized output included), else to XLA (N = 1000: rows of one-byte
+  codes not on 16 bytes, and too few rows for the forward's TMA blocks)."""
+  result = subprocess.run(
+      [sys.executable, "-c", _WITHOUT_TRITON_ON_HOPPER], cwd=ROOT,
+      capture_output=True, text=True, check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = result.stdout + result.stderr
+  assert result.returncode == 0, out
+  plans = {tuple(map(int, line.split()[:2])):
+           ast.literal_eval(line.split(" ", 2)[2])
+           for line in result.stdout.splitlines() if line[:1].isdigit()}
+  large = plans[(4096, 4096)]
+  assert large["quant"] == large["quant-static"] == "mosaic", out
+  assert large["forward"] == large["backward"] == "mosaic", out
+  assert set(plans[(16, 1000)].values()) <= {"xla", "mosaic"}, out
+  assert plans[(16, 1000)]["quant"] == "xla", out
 
 
 def test_table_choice_of_xla_runs_the_reference(monkeypatch):

@@ -206,8 +206,8 @@ def rms_norm_quantized(
   Args:
     x, scale, epsilon, scale_offset, cast_order, implementation, interpret:
       as for `rms_norm` (the implementations: "triton", "mosaic" (Hopper;
-      N a multiple of 16) and "xla"; automatically Triton's kernel, or
-      Mosaic's where this JAX has no Triton backend).
+      N a multiple of 16) and "xla"; the automatic choice runs Mosaic's
+      only where Triton's cannot run, as with a JAX without it).
     quant_dtype: float8_e4m3fn (default), float8_e5m2 or int8.
     quant_scale: None (dynamic), or the static scale. A concrete value is
       checked for > 0 (read back to the host); a traced one only for shape.

@@ -258,8 +258,9 @@ def forward(x: jax.Array, residual: jax.Array | None,
     common.check_supported(m, n, y_dtype)
   if scale is not None:
     scale = common.aligned_scale(scale)
-  if quant is not None and (out_dtype != quant.dtype or save_rstd == quant.static
-                            or (quant_inv is not None) != quant.static):
+  if quant is not None and (
+      out_dtype != quant.dtype or save_rstd == quant.static
+      or (quant_inv is not None) != quant.static):
     raise ValueError(f"{quant=} needs out_dtype={quant.dtype}, "
                      f"save_rstd={not quant.static} and a quant_inv exactly "
                      "when static")

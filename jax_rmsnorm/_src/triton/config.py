@@ -210,11 +210,11 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   its scale, does not depend on the batch). Its table is its own: with
   1-byte outputs and a second row reduction (the amax), fewer warps holding
   more of a row each won (the comments at _QUANT_SHORT_ROW_BYTES). Without
-  a residual, rows held as one block, and unaligned rows, run on a
-  persistent grid (`_quant_persistent`; the grid changes no row's
-  arithmetic); `residual` (a fused add) keeps one block a program, spread
-  over more warps; `static` (a static scale) changes the launch of bf16
-  rows past 8192."""
+  a residual, rows held as one block, bf16 rows that do not start on 16
+  bytes and, with a `static` scale, bf16 rows past 8192 run on a
+  persistent grid (`_quant_persistent`, _QUANT_STATIC_WIDE; the grid
+  changes no row's arithmetic); with a `residual` (a fused add) rows run
+  one block a program, spread over more warps."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
   cols = pl.next_power_of_2(n)
