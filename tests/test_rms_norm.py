@@ -132,7 +132,7 @@ def test_explicit_configs(config, max_one_pass, interpret, monkeypatch):
     functools.partial(triton_config.get_quant_config, residual=True,
                       static=True)], ids=str)
 def test_heuristic_is_pure_and_batch_independent(heuristic):
-  for n in (1, 7, 896, 1000, 3072, 4099, 5120, 14336, 16385, 65536):
+  for n in (1, 7, 896, 1000, 3072, 4096, 4099, 5120, 14336, 16385, 65536):
     for dtype in DTYPES:
       configs = {heuristic(m, n, dtype) for m in (1, 13, 4096)}
       assert len(configs) == 1, (n, dtype, configs)

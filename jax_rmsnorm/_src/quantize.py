@@ -170,18 +170,18 @@ def saturate_cast(v: jax.Array, quant_dtype, *, clip: bool = True
 
 
 def saturate(v: jax.Array, quant_dtype, *, clip: bool = True,
-             round_even=None) -> jax.Array:
+             round_even=round_half_even) -> jax.Array:
   """`saturate_cast` before its final cast, still float32 (a kernel that
   casts on its store). round_even: int8's rounding of float32 to the
-  nearest integer, ties to even (default `round_half_even`, built on floor
-  for Triton; `jnp.round` where the lowering has it, as Mosaic GPU's does
-  and its floor does not)."""
+  nearest integer, ties to even (`round_half_even` is built on floor for
+  Triton; `jnp.round` where the lowering has it, as Mosaic GPU's does and
+  its floor does not)."""
   dtype = jnp.dtype(quant_dtype)
   hi, lo = jnp.float32(qmax(dtype)), jnp.float32(-qmax(dtype))
   if clip or dtype == jnp.int8:
     v = jnp.where(v > hi, hi, jnp.where(v < lo, lo, v))
   if dtype == jnp.int8:
-    v = (round_even or round_half_even)(v)
+    v = round_even(v)
     v = jnp.where(v == v, v, jnp.float32(0))
   return v
 

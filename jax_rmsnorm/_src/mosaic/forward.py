@@ -233,16 +233,20 @@ def forward(x: jax.Array, residual: jax.Array | None,
             out_dtype=None, cast_order: str = "float32",
             save_rstd: bool = False, interpret: bool = False,
             config: mosaic_config.Config | None = None,
-            quant: Quant | None = None,
+            quant_dtype=None,
             quant_inv: jax.Array | None = None) -> ForwardOutputs:
   """RMSNorm of validated, non-empty `x` (plus `residual`) in one kernel.
 
-  quant: y as quantized codes of `quant.dtype` (then out_dtype is that
-  dtype), times `quant_inv` ((n,) float32: 1 / a static scale) or, for a
-  dynamic scale, times 1 / each row's scale, which takes rstd's place in
-  the outputs (save_rstd). Raises NotImplementedError past the kernel's
-  limits (`common.check_supported`).
+  quant_dtype: y as quantized codes of this dtype (out_dtype and save_rstd
+  are then ignored), times `quant_inv` ((n,) float32: 1 / a static scale)
+  or, without it, times 1 / each row's scale (amax / qmax), which takes
+  rstd's place in the outputs. Raises NotImplementedError past the
+  kernel's limits (`common.check_supported`).
   """
+  quant = None
+  if quant_dtype is not None:
+    quant = Quant(jnp.dtype(quant_dtype), static=quant_inv is not None)
+    out_dtype, save_rstd = quant.dtype, not quant.static
   n = x.shape[-1]
   m = x.size // n
   validation.require_operand_shapes(x, residual, scale)
@@ -258,12 +262,6 @@ def forward(x: jax.Array, residual: jax.Array | None,
     common.check_supported(m, n, y_dtype)
   if scale is not None:
     scale = common.aligned_scale(scale)
-  if quant is not None and (
-      out_dtype != quant.dtype or save_rstd == quant.static
-      or (quant_inv is not None) != quant.static):
-    raise ValueError(f"{quant=} needs out_dtype={quant.dtype}, "
-                     f"save_rstd={not quant.static} and a quant_inv exactly "
-                     "when static")
   multiple = max(mosaic_config.row_multiple(n, jnp.dtype(d).itemsize)
                  for d in tiles[:1 + (residual is not None)])
   if config is None:

@@ -22,13 +22,14 @@ logger = logging.getLogger("jax_rmsnorm")
 KERNEL_NAME = mosaic_forward.KERNEL_NAME
 
 
-def check_supported(m: int, n: int, quant_dtype, dtype=None) -> None:
-  """Raises NotImplementedError where the quantized kernel cannot run: the
-  Mosaic kernels' limits (`common.check_supported`, for any input dtype),
-  and rows of 1-byte codes that start on 16-byte boundaries (n a multiple
-  of 16), which the bulk TMA copies of the output need."""
-  quantize.canonicalize_quant_dtype(quant_dtype)
-  common.check_supported(m, n, dtype)
+def check_supported(m: int, n: int, quant_dtype) -> None:
+  """Raises NotImplementedError where the quantized kernel cannot run (any
+  `quant_dtype`): the Mosaic kernels' limits (`common.check_supported`, for
+  any input dtype), and rows of 1-byte codes that start on 16-byte
+  boundaries (n a multiple of 16), which the bulk TMA copies of the output
+  need."""
+  del quant_dtype
+  common.check_supported(m, n)
   if n % 16:
     raise NotImplementedError(
         f"rows of {n} one-byte codes do not start on 16-byte boundaries, "
@@ -60,8 +61,6 @@ def forward(x: jax.Array, residual: jax.Array | None,
   static = quant_scale is not None
   inv = None
   if static:
-    if quant_scale.shape not in ((), (1,), (n,)):
-      raise ValueError(f"{quant_scale.shape=} must be (), (1,) or ({n},)")
     inv = jnp.broadcast_to(
         jnp.float32(1) / quant_scale.astype(jnp.float32).reshape(-1), (n,))
   logger.debug("rms_norm mosaic quantized forward: rows=%d n=%d dtype=%s "
@@ -70,9 +69,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
                residual is not None)
   out = mosaic_forward.forward(
       x, residual, scale, epsilon=epsilon, scale_offset=scale_offset,
-      out_dtype=quant_dtype, cast_order=cast_order, save_rstd=not static,
-      interpret=interpret, config=config,
-      quant=mosaic_forward.Quant(quant_dtype, static), quant_inv=inv)
+      cast_order=cast_order, interpret=interpret, config=config,
+      quant_dtype=quant_dtype, quant_inv=inv)
   row_scales = (None if static
                 else out.rstd.reshape(x.shape[:-1] + (1,)))
   return quantize.QuantizedOutputs(out.y, row_scales, out.h)
