@@ -118,10 +118,22 @@ QUANT_RESIDUAL_SWEEP = (
     (65536, 896, "bfloat16"), (16384, 8192, "bfloat16"),
     (32768, 4096, "bfloat16"), (4096, 4099, "bfloat16"),
 )
+# The forward on a persistent grid (`forward_persistent_candidates`): the
+# shapes of 8M elements or more, where it ran under 97% of the copy ceiling.
+FORWARD_PERSISTENT_SWEEP = (
+    (32768, 4096, "bfloat16"), (16384, 8192, "bfloat16"),
+    (65536, 896, "bfloat16"), (4096, 14336, "bfloat16"),
+    (8192, 5120, "bfloat16"), (4096, 2048, "bfloat16"),
+    (2048, 4096, "bfloat16"), (32768, 4096, "float32"),
+    (16384, 8192, "float32"), (4096, 14336, "float32"),
+    (8192, 5120, "float32"), (32768, 3072, "bfloat16"),
+)
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP,
           "backward-registers": BACKWARD_REGISTERS_SWEEP,
-          "forward-h200": FORWARD_H200_SWEEP, "quant": QUANT_SWEEP,
+          "forward-h200": FORWARD_H200_SWEEP,
+          "forward-persistent": FORWARD_PERSISTENT_SWEEP,
+          "quant": QUANT_SWEEP,
           "quant-static": QUANT_STATIC_SWEEP,
           "quant-residual": QUANT_RESIDUAL_SWEEP,
           "quant-static-residual": QUANT_RESIDUAL_SWEEP}
@@ -166,6 +178,31 @@ def compact_candidates(n: int):
         if chunk * pl.cdiv(n, chunk) >= 4 * 32 * warps:
           yield triton_config.Config(1, chunk, warps, 1)
       chunk *= 2
+
+
+def forward_persistent_candidates(n: int, dtype: str):
+  """The heuristic's choice; the layout it gives with a residual (one block
+  of rows a program) and, for rows of 8192 or more, chunks of 2048 and
+  4096, at half, the same and twice that layout's warps, on persistent
+  grids: 1, 2 or 4 programs an SM loading the next rows ahead with the
+  scale held, or 2 re-reading it without loading ahead."""
+  base = triton_config.get_config(1, n, dtype)
+  yield base
+  if not base.resident(n):
+    return
+  layouts = {(base.block_rows, base.block_cols)}
+  if base.block_rows == 1 and n >= 8192:
+    layouts |= {(1, 2048), (1, 4096)}
+  for (rows, cols), warps in itertools.product(
+      sorted(layouts), (base.num_warps // 2, base.num_warps,
+                        base.num_warps * 2)):
+    if not 1 <= warps <= 32 or rows * cols < 32 * warps:
+      continue
+    one = triton_config.Config(rows, cols, warps)
+    for per_sm in (1, 2, 4):
+      yield dataclasses.replace(one, programs_per_sm=per_sm, prefetch=True,
+                                hold_scale=True)
+    yield dataclasses.replace(one, programs_per_sm=2)
 
 
 def quant_candidates(n: int, dtype: str, residual: bool = False,
@@ -286,13 +323,18 @@ def main(argv=None):
     elif args.sweep == "backward-registers":
       row = _backward_row(m, n, dtype, args.iterations,
                           backward_register_candidates)
+    elif args.sweep == "forward-persistent":
+      row = _forward_row(m, n, dtype, args.iterations,
+                         dict.fromkeys(
+                             forward_persistent_candidates(n, dtype)))
     elif args.sweep.startswith("quant"):
       row = _quant_row(m, n, dtype, args.iterations,
                        static="static" in args.sweep,
                        residual="residual" in args.sweep)
     else:
       row = _forward_row(m, n, dtype, args.iterations,
-                         compact=args.sweep == "forward-h200")
+                         (compact_candidates if args.sweep == "forward-h200"
+                          else candidates)(n))
     ok = sorted(filter(passed, row["configs"]), key=lambda c: c["us"])
     failed = sum("error_over_bound" in c and not passed(c)
                  for c in row["configs"])
@@ -340,7 +382,7 @@ def _timed_row(row, make, args, check, configs, iterations, checked=3):
   return row
 
 
-def _forward_row(m, n, dtype, iterations, compact=False):
+def _forward_row(m, n, dtype, iterations, configs):
   x, scale = testing.random_inputs(0, (m, n), dtype)
   ref64 = testing.oracle(x, scale)
   xla = jax.jit(functools.partial(api.rms_norm_reference, epsilon=1e-6))
@@ -354,7 +396,7 @@ def _forward_row(m, n, dtype, iterations, compact=False):
   return _timed_row(
       row, make, (x, scale),
       lambda y: testing.worst_excess(y, ref64, dtype, n),
-      (compact_candidates if compact else candidates)(n), iterations)
+      configs, iterations)
 
 
 def _quant_row(m, n, dtype, iterations, static: bool, residual: bool):

@@ -3,11 +3,14 @@ rounding, and the limits of what they can run."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src.triton import config as triton_config
 
@@ -103,6 +106,12 @@ class RowBlock:
     row_ids = self.first_row + jax.lax.iota(jnp.int32, self.block_rows)
     plgpu.store(ref, values, mask=row_ids < self.m)
 
+  def scale_chunk(self, scale_ref, k, offset: float):
+    """Chunk k of the scale plus `offset`, float32, as a (1, block_cols)
+    row."""
+    w = self.load(scale_ref, k, self.masks(k)[1]).astype(jnp.float32)
+    return (jnp.float32(offset) + w)[None, :]
+
   def load_input(self, k, x_ref, r_ref):
     """Chunk k of x (and of the residual, else None), in their dtypes."""
     mask = self.masks(k)[0]
@@ -123,11 +132,16 @@ class RowBlock:
       self.store(h_ref, k, h, self.masks(k)[0])
     return round_trip(h, r_ref.dtype, interpret)
 
-  def load_normalized_input(self, k, x_ref, r_ref, h_ref, *, write_h: bool,
-                            interpret: bool):
-    """`normalized_input` of chunk k, loaded here."""
-    return self.normalized_input(k, self.load_input(k, x_ref, r_ref), r_ref,
-                                 h_ref, write_h=write_h, interpret=interpret)
+  def row_loader(self, loaded, x_ref, r_ref, h_ref, *, interpret: bool):
+    """load_row(k, write_h) -> `normalized_input` of chunk k, from
+    `loaded` (the chunks' `load_input`, loaded ahead) or, None, loaded
+    there."""
+    def load_row(k, write_h):
+      chunk = (self.load_input(k, x_ref, r_ref) if loaded is None
+               else loaded[k])
+      return self.normalized_input(k, chunk, r_ref, h_ref, write_h=write_h,
+                                   interpret=interpret)
+    return load_row
 
   def sum_squares(self, load_row, num_chunks: int, resident: bool):
     """(the chunks held in registers, or None, and the (rows, block_cols)
@@ -146,6 +160,84 @@ class RowBlock:
       return acc + x * x
     return None, jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step,
                                    jnp.zeros(self.shape, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowGrid:
+  """How a row kernel's programs cover m rows.
+
+  steps == 0: one block of `config.block_rows` rows a program, whose refs
+  are that block. Otherwise a persistent grid: program p loops over the
+  blocks p, p + programs, ... (`steps` of them) in refs that hold every row
+  (`block`: padded to the last step; the rows past m are masked).
+  """
+  programs: int
+  steps: int
+  block: tuple[int, int]
+
+  def row_spec(self) -> pl.BlockSpec:
+    """The BlockSpec of a (m,) output of one value a row."""
+    return pl.BlockSpec(self.block[:1], (lambda i: (0,)) if self.steps
+                        else (lambda i: (i,)))
+
+
+def row_grid(config: triton_config.Config, m: int, n: int) -> RowGrid:
+  """The grid `config` launches for m rows of n: persistent where
+  config.programs_per_sm (rows held in registers only)."""
+  width = config.block_cols * config.num_chunks(n)
+  row_blocks = pl.cdiv(m, config.block_rows)
+  if not config.programs_per_sm:
+    return RowGrid(row_blocks, 0, (config.block_rows, width))
+  if not config.resident(n):
+    raise ValueError(f"{config}: a persistent grid needs rows held in "
+                     f"registers, which {n} columns are not")
+  programs = config.num_programs(m, platform.sm_count())
+  steps = pl.cdiv(row_blocks, programs)
+  return RowGrid(programs, steps, (steps * programs * config.block_rows,
+                                   width))
+
+
+def each_row_block(body, *, grid: RowGrid, config: triton_config.Config,
+                   m: int, n: int, x_ref, r_ref, scale_ref, offset: float):
+  """Calls body(block, loaded, held) for each `RowBlock` of this program.
+
+  loaded: the block's chunks' `load_input`, or None for body to load them
+  (`RowBlock.row_loader`); held: the scale's chunks (`RowBlock.scale_chunk`)
+  when config.hold_scale loads them once, before the loop, else None. On a
+  persistent grid with config.prefetch, the next block's inputs are loaded
+  before body reduces the current one, so that a program keeps memory busy
+  while it computes. The grid changes no row's arithmetic.
+  """
+  num_chunks = config.num_chunks(n)
+
+  def block_at(first_row=None):
+    return RowBlock(m=m, n=n, block_rows=config.block_rows,
+                    block_cols=config.block_cols, first_row=first_row)
+
+  if not grid.steps:
+    body(block_at(), None, None)
+    return
+  pid = pl.program_id(0)
+  step_block = lambda t: block_at(
+      (t * grid.programs + pid) * config.block_rows)
+  held = None
+  if config.hold_scale and scale_ref is not None:
+    first = step_block(jnp.int32(0))
+    held = [first.scale_chunk(scale_ref, k, offset)
+            for k in range(num_chunks)]
+  load = lambda block: [block.load_input(k, x_ref, r_ref)
+                        for k in range(num_chunks)]
+  if config.prefetch:
+    def step(t, loaded):
+      upcoming = load(step_block(t + 1))
+      body(step_block(t), loaded, held)
+      return upcoming
+    jax.lax.fori_loop(jnp.int32(0), jnp.int32(grid.steps), step,
+                      load(step_block(jnp.int32(0))))
+  else:
+    @pl.loop(jnp.int32(0), jnp.int32(grid.steps))
+    def _(t):
+      body(step_block(t), None, held)
 
 
 def row_operands(x, residual, scale, *, block_rows: int, block_cols: int,

@@ -24,13 +24,15 @@ KERNEL_NAME = "jax_rmsnorm_fwd"
 
 def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
                     has_residual: bool, has_scale: bool, save_rstd: bool,
-                    round_normalized: bool, num_chunks: int, resident: bool,
-                    interpret: bool):
-  """Normalizes `block_rows` rows of `n` columns, `num_chunks` chunks each.
+                    round_normalized: bool, config: triton_config.Config,
+                    grid: common.RowGrid, interpret: bool):
+  """Normalizes rows of `n` columns, `config.num_chunks(n)` chunks each.
 
   Refs: x, [residual], [scale], y, [h], [rstd]. With a residual the row that
   is normalized is h = x + residual rounded to residual's dtype, and h is
-  written out too.
+  written out too. The program's blocks of rows (one, or a persistent loop
+  that may load the next block ahead and hold the scale):
+  `common.each_row_block`.
 
   resident (or one chunk): every chunk is loaded once and kept in registers,
   one pass over HBM; the chunks let a row of 14336 be 7 x 2048 instead of a
@@ -44,36 +46,40 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
   y_ref = refs.pop(0)
   h_ref = refs.pop(0) if has_residual else None
   rstd_ref = refs.pop(0) if save_rstd else None
-  block = common.RowBlock(m=m, n=n, block_rows=x_ref.shape[0],
-                          block_cols=x_ref.shape[1] // num_chunks)
-  load_row = functools.partial(block.load_normalized_input, x_ref=x_ref,
-                               r_ref=r_ref, h_ref=h_ref, interpret=interpret)
+  num_chunks = config.num_chunks(n)
 
-  def write(k, x):
-    mask, scale_mask = block.masks(k)
-    y = x * rstd
-    if round_normalized:
-      y = common.round_trip(y, x_ref.dtype if r_ref is None else r_ref.dtype,
-                            interpret)
-    if scale_ref is not None:
-      w = block.load(scale_ref, k, scale_mask).astype(jnp.float32)
-      y = y * (jnp.float32(offset) + w)[None, :]
-    block.store(y_ref, k, y, mask)
+  def rows(block, loaded, held):
+    load_row = block.row_loader(loaded, x_ref, r_ref, h_ref,
+                                interpret=interpret)
 
-  xs, sq = block.sum_squares(load_row, num_chunks, resident)
-  mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
-  rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
-  if rstd_ref is not None:  # The same arithmetic, as a vector of rows.
-    block.store_rows(rstd_ref, jax.lax.rsqrt(
-        jnp.sum(sq, axis=1) / jnp.float32(n) + jnp.float32(eps)))
+    def write(k, x):
+      y = x * rstd
+      if round_normalized:
+        y = common.round_trip(
+            y, x_ref.dtype if r_ref is None else r_ref.dtype, interpret)
+      if scale_ref is not None:
+        y = y * (held[k] if held is not None
+                 else block.scale_chunk(scale_ref, k, offset))
+      block.store(y_ref, k, y, block.masks(k)[0])
 
-  if xs is not None:
-    for k, x in enumerate(xs):
-      write(k, x)
-  else:
-    @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
-    def _(k):
-      write(k, load_row(k, write_h=False))
+    xs, sq = block.sum_squares(load_row, num_chunks, config.resident(n))
+    mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
+    rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
+    if rstd_ref is not None:  # The same arithmetic, as a vector of rows.
+      block.store_rows(rstd_ref, jax.lax.rsqrt(
+          jnp.sum(sq, axis=1) / jnp.float32(n) + jnp.float32(eps)))
+
+    if xs is not None:
+      for k, x in enumerate(xs):
+        write(k, x)
+    else:
+      @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
+      def _(k):
+        write(k, load_row(k, write_h=False))
+
+  common.each_row_block(rows, grid=grid, config=config, m=m, n=n,
+                        x_ref=x_ref, r_ref=r_ref, scale_ref=scale_ref,
+                        offset=offset)
 
 
 def forward(x: jax.Array, residual: jax.Array | None,
@@ -92,13 +98,13 @@ def forward(x: jax.Array, residual: jax.Array | None,
   common.check_supported(m, n)
   if config is None:
     config = triton_config.get_config(m, n, x.dtype, platform.device_kind())
-  num_chunks = config.num_chunks(n)
   logger.debug("rms_norm triton forward: rows=%d n=%d dtype=%s residual=%s "
                "%s", m, n, x.dtype, residual is not None, config)
   norm_dtype = x.dtype if residual is None else residual.dtype
-  block = (config.block_rows, config.block_cols * num_chunks)
+  grid = common.row_grid(config, m, n)
   args, in_specs, row_block = common.row_operands(
-      x, residual, scale, block_rows=block[0], block_cols=block[1])
+      x, residual, scale, block_rows=grid.block[0], block_cols=grid.block[1],
+      whole=bool(grid.steps))
   like = (x, residual, scale)
   out_shape = [avals.out_struct((m, n), out_dtype or norm_dtype, *like)]
   out_specs = [row_block]
@@ -107,14 +113,14 @@ def forward(x: jax.Array, residual: jax.Array | None,
     out_specs.append(row_block)
   if save_rstd:
     out_shape.append(avals.out_struct((m,), jnp.float32, *like))
-    out_specs.append(pl.BlockSpec(block[:1], lambda i: (i,)))
+    out_specs.append(grid.row_spec())
   kernel = functools.partial(
       _forward_kernel, n=n, m=m, eps=epsilon, offset=scale_offset,
       has_residual=residual is not None, has_scale=scale is not None,
       save_rstd=save_rstd, round_normalized=cast_order == "hf",
-      num_chunks=num_chunks, resident=config.resident(n), interpret=interpret)
+      config=config, grid=grid, interpret=interpret)
   outs = common.launch(kernel, name=KERNEL_NAME, config=config,
-                       grid=(pl.cdiv(m, config.block_rows),),
+                       grid=(grid.programs,),
                        in_specs=in_specs, out_specs=out_specs,
                        out_shape=out_shape, interpret=interpret)(*args)
   outs = list(outs)

@@ -50,21 +50,16 @@ def check_supported(m: int, n: int, quant_dtype) -> None:
 def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
                      quant_dtype, has_residual: bool, has_scale: bool,
                      static: str | None, round_normalized: bool,
-                     num_chunks: int, resident: bool, block_rows: int,
-                     steps: int, num_programs: int, prefetch: bool,
-                     hold_scale: bool, interpret: bool):
+                     config: triton_config.Config, grid: common.RowGrid,
+                     interpret: bool):
   """Normalizes and quantizes rows of `n` columns.
 
   Refs: x, [residual], [scale], [inv_scale], y_q, [h], [row_scales].
   static: None (dynamic per-row scales, written to row_scales), "scalar"
   (inv_scale of shape (1,)) or "channel" (inv_scale of shape (n,)).
 
-  steps == 0: one block of `block_rows` rows a program, the refs its own.
-  Otherwise (persistent, resident rows only): the refs hold every row and
-  program p handles the blocks p, p + num_programs, ... (`steps` of them);
-  `hold_scale` loads the scale once, before that loop, and `prefetch`
-  loads the next block's inputs before the current block's reductions, so
-  that a program keeps memory busy while it computes.
+  The program's blocks of rows, and whether it loads the next ahead and
+  holds the scale: `common.each_row_block` (`grid`, `config`).
 
   resident (or one chunk): the row's chunks are loaded once and held in
   registers: x (+ residual) is read once, y_q (+ h) written once. Otherwise
@@ -81,29 +76,16 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
   q_ref = refs.pop(0)
   h_ref = refs.pop(0) if has_residual else None
   s_ref = refs.pop(0) if static is None else None
-  block_cols = x_ref.shape[1] // num_chunks
+  num_chunks, resident = config.num_chunks(n), config.resident(n)
   # Hopper's float32 -> float8 conversion saturates (satfinite); interpret
   # mode's (XLA's) does not, and int8 needs the clip before rounding.
   clip = interpret or quant_dtype == jnp.int8
 
-  def block_at(first_row=None):
-    return common.RowBlock(m=m, n=n, block_rows=block_rows,
-                           block_cols=block_cols, first_row=first_row)
-
-  def scale_chunk(block, k):
-    w = block.load(scale_ref, k, block.masks(k)[1]).astype(jnp.float32)
-    return (jnp.float32(offset) + w)[None, :]
-
   def rows(block, loaded, held):
     """Normalizes and quantizes `block`'s rows; `loaded`: their chunks'
     `load_input`, or None to load them here; `held`: the scale's chunks."""
-    def load_row(k, write_h):
-      if loaded is None:
-        return block.load_normalized_input(k, x_ref, r_ref, h_ref,
-                                           write_h=write_h,
-                                           interpret=interpret)
-      return block.normalized_input(k, loaded[k], r_ref, h_ref,
-                                    write_h=write_h, interpret=interpret)
+    load_row = block.row_loader(loaded, x_ref, r_ref, h_ref,
+                                interpret=interpret)
 
     def normalized(k, x):
       """y of chunk k, float32, as reference.forward computes it."""
@@ -112,7 +94,8 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
         y = common.round_trip(
             y, x_ref.dtype if r_ref is None else r_ref.dtype, interpret)
       if scale_ref is not None:
-        y = y * (held[k] if held is not None else scale_chunk(block, k))
+        y = y * (held[k] if held is not None
+                 else block.scale_chunk(scale_ref, k, offset))
       return y
 
     def chunk_amax(y):
@@ -148,7 +131,8 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
               k, load_row(k, write_h=False))))
         amax = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks),
                                  chunk_max,
-                                 jnp.zeros((block_rows, 1), jnp.float32))
+                                 jnp.zeros((block.block_rows, 1),
+                                           jnp.float32))
       row_scale = quantize.dynamic_scale(amax, quant_dtype)   # (rows, 1)
       inv = jnp.float32(1) / row_scale
       block.store_rows(s_ref, row_scale[:, 0])
@@ -162,28 +146,9 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
       def _(k):
         write(k, normalized(k, load_row(k, write_h=False)))
 
-  if not steps:
-    rows(block_at(), None, None)
-    return
-  pid = pl.program_id(0)
-  step_block = lambda t: block_at((t * num_programs + pid) * block_rows)
-  held = None
-  if hold_scale and scale_ref is not None:
-    held = [scale_chunk(step_block(jnp.int32(0)), k)
-            for k in range(num_chunks)]
-  load = lambda block: [block.load_input(k, x_ref, r_ref)
-                        for k in range(num_chunks)]
-  if prefetch:
-    def step(t, loaded):
-      upcoming = load(step_block(t + 1))
-      rows(step_block(t), loaded, held)
-      return upcoming
-    jax.lax.fori_loop(jnp.int32(0), jnp.int32(steps), step,
-                      load(step_block(jnp.int32(0))))
-  else:
-    @pl.loop(jnp.int32(0), jnp.int32(steps))
-    def _(t):
-      rows(step_block(t), None, held)
+  common.each_row_block(rows, grid=grid, config=config, m=m, n=n,
+                        x_ref=x_ref, r_ref=r_ref, scale_ref=scale_ref,
+                        offset=offset)
 
 
 def forward(x: jax.Array, residual: jax.Array | None,
@@ -216,27 +181,17 @@ def forward(x: jax.Array, residual: jax.Array | None,
                                             platform.device_kind(),
                                             residual=residual is not None,
                                             static=quant_scale is not None)
-  num_chunks = config.num_chunks(n)
   static = None
   if quant_scale is not None:
     static = "channel" if quant_scale.shape == (n,) else "scalar"
   logger.debug("rms_norm triton quantized forward: rows=%d n=%d dtype=%s "
                "quant_dtype=%s scale=%s residual=%s %s", m, n, x.dtype,
                quant_dtype, static or "dynamic", residual is not None, config)
-  row_blocks = pl.cdiv(m, config.block_rows)
-  num_programs, steps = row_blocks, 0
-  if config.programs_per_sm:
-    if not config.resident(n):
-      raise ValueError(f"{config}: a persistent grid needs rows held in "
-                       f"registers, which {n} columns are not")
-    num_programs = config.num_programs(m, platform.sm_count())
-    steps = pl.cdiv(row_blocks, num_programs)
-  # A persistent program's refs hold every row (padded to its last step).
-  block = (steps * num_programs * config.block_rows if steps
-           else config.block_rows, config.block_cols * num_chunks)
+  grid = common.row_grid(config, m, n)
+  block = grid.block
   args, in_specs, row_block = common.row_operands(
       x, residual, scale, block_rows=block[0], block_cols=block[1],
-      whole=bool(steps))
+      whole=bool(grid.steps))
   if static is not None:
     inv = jnp.float32(1) / quant_scale.astype(jnp.float32)
     if static == "scalar":
@@ -253,18 +208,15 @@ def forward(x: jax.Array, residual: jax.Array | None,
     out_specs.append(row_block)
   if static is None:
     out_shape.append(avals.out_struct((m,), jnp.float32, *like))
-    out_specs.append(pl.BlockSpec(block[:1], (lambda i: (0,)) if steps
-                                  else (lambda i: (i,))))
+    out_specs.append(grid.row_spec())
   kernel = functools.partial(
       _quantize_kernel, n=n, m=m, eps=epsilon, offset=scale_offset,
       quant_dtype=quant_dtype, has_residual=residual is not None,
       has_scale=scale is not None, static=static,
-      round_normalized=cast_order == "hf", num_chunks=num_chunks,
-      resident=config.resident(n), block_rows=config.block_rows,
-      steps=steps, num_programs=num_programs, prefetch=config.prefetch,
-      hold_scale=config.hold_scale, interpret=interpret)
+      round_normalized=cast_order == "hf", config=config, grid=grid,
+      interpret=interpret)
   outs = common.launch(kernel, name=KERNEL_NAME, config=config,
-                       grid=(num_programs,),
+                       grid=(grid.programs,),
                        in_specs=in_specs, out_specs=out_specs,
                        out_shape=out_shape, interpret=interpret)(*args)
   outs = list(outs)
