@@ -186,7 +186,8 @@ def forward_persistent_candidates(n: int, dtype: str):
   4096, at half, the same and twice that layout's warps, on persistent
   grids: 1, 2 or 4 programs an SM loading the next rows ahead with the
   scale held, or 2 re-reading it without loading ahead."""
-  base = triton_config.get_config(1, n, dtype)
+  yield triton_config.get_config(1, n, dtype)
+  base = triton_config.get_config(1, n, dtype, residual=True)
   yield base
   if not base.resident(n):
     return

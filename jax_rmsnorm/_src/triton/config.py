@@ -31,16 +31,17 @@ class Config:
       the chunks twice (two passes).
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining depth (matters for loops).
-    programs_per_sm: 0 launches one program per block of rows (the forward).
-      Otherwise a persistent grid of about this many programs per SM, each
-      looping over every grid-th block of rows (the backward, whose programs
-      each keep a float32 partial sum of d(scale)).
+    programs_per_sm: 0 launches one program per block of rows. Otherwise a
+      persistent grid of about this many programs per SM, each looping over
+      every grid-th block of rows (the backward, whose programs each keep a
+      float32 partial sum of d(scale); the forward and the quantized kernel
+      where it was measured to win).
     prefetch: the persistent loop loads the next block of rows before it
-      computes the current one (the backward).
+      computes the current one.
     min_blocks_per_program: fewer programs for few rows, so that the float32
       partials (one row of n per program) stay small next to the input.
-    hold_scale: the backward loads the scale once and holds it in registers
-      across its loop, rather than re-reading it every step.
+    hold_scale: a persistent program loads the scale once and holds it in
+      registers across its loop, rather than re-reading it every step.
     dscale_by_columns: the backward sums d(scale) by column slices over all
       rows (for few rows) rather than in per-program partials.
   """
@@ -113,6 +114,32 @@ _LOOP_CHUNK_COLS_BY_ITEMSIZE = {2: 8192, 4: 2048}
 # 5120 44.5 against 45.1 (`python -m benchmarks.tune_triton --sweep
 # forward-h200`, benchmarks/results/tune_triton_forward_h200.json).
 _HALVE_BELOW_FILL = 0.75
+# Without a residual, rows of 8 KiB or more held in registers run on a
+# persistent grid that holds the scale and loads the next row while it
+# reduces the current one (H200, `python -m benchmarks.tune_triton --sweep
+# forward-persistent`, benchmarks/results/tune_triton_forward_persistent_
+# h200.json; us against one row a program). Power-of-two rows by their
+# bytes, (warps, programs an SM): 8 KiB (bf16 4096) 8 warps, 4 an SM:
+# 32768 x 4096 134.3 against 135.3, 2048 x 4096 7.3 against 7.8; 16 and 32
+# KiB (bf16 8192, f32 4096 and 8192) 16 warps, 2 an SM: 16384 x 8192 135.3
+# against 135.8, f32 268.6 against 268.9 and 269.0 against 274.0. (32 warps
+# ran the bf16 forward alone in 133.6 but the training step, whose forward
+# also writes rstd, in 364 us against 343 with 16:
+# benchmarks/results/step_forward_launch_h200.json.)
+# Rows held as halves keep their warps, 4 an SM (8192 x 5120: bf16 43.4
+# against 44.0, f32 84.7 against 86.0; 4096 x 4099: bf16 23.6 against
+# 24.8, f32 41.0 against 41.7, tune_triton_forward_persistent_4099_h200.
+# json). Rows past 8192 as chunks of 8 KiB on 32 warps, one program an SM
+# (4096 x 14336: bf16 62.3 against 64.6 as one padded 16384, f32 117.2
+# against 124.5). Rows padded to one block (32768 x 3072: 102.6 against
+# 100.9) and shorter rows (65536 x 896: 88.4 against 59.6, 4096 x 2048:
+# 8.0 against 7.7) lost. Untried: the forward with a residual (two inputs
+# loaded ahead), and an H100 (its records predate this grid).
+_PERSISTENT_MIN_ROW_BYTES = 8192
+_PERSISTENT_BY_ROW_BYTES = {8192: (8, 4), 16384: (16, 2), 32768: (16, 2)}
+_PERSISTENT_HALVES_PER_SM = 4
+_PERSISTENT_WIDE = dict(num_warps=32, programs_per_sm=1)
+_PERSISTENT_WIDE_CHUNK_BYTES = 8192
 
 # The quantized kernel, tuned on an H200 (`python -m benchmarks.tune_triton
 # --sweep quant` and `--sweep quant-static`; benchmarks/results/
@@ -172,18 +199,26 @@ _QUANT_STATIC_WIDE = dict(block_cols=4096, num_warps=16, programs_per_sm=1,
                           prefetch=True, hold_scale=True)
 
 
-def get_config(rows: int, n: int, dtype, device_kind: str | None = None
-               ) -> Config:
-  """Picks the launch configuration for an (rows, n) RMSNorm.
+def get_config(rows: int, n: int, dtype, device_kind: str | None = None,
+               *, residual: bool = False) -> Config:
+  """Picks the launch configuration for an (rows, n) RMSNorm (`residual`:
+  fused with a residual add).
 
   Pure function of its arguments. The per-row arithmetic (and so the
   reduction order) depends only on `n` and `dtype`, never on `rows`: a row's
-  result does not change with the batch size (batch invariance). `rows` and
-  `device_kind` are part of the signature so that callers need not change when
-  a GPU other than the H100 gets its own table; neither is used today.
+  result does not change with the batch size (batch invariance); the
+  persistent grid (`_forward_persistent`) changes no row's arithmetic.
+  `rows` and `device_kind` are part of the signature so that callers need
+  not change when a GPU gets its own table; neither is used today.
   """
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
+  layout = _row_layout(n, itemsize)
+  return layout if residual else _forward_persistent(layout, n, itemsize)
+
+
+def _row_layout(n: int, itemsize: int) -> Config:
+  """One block of rows a program: how rows of n are held (or looped)."""
   cols = pl.next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS:
     return Config(block_rows=1,
@@ -200,6 +235,25 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None
     # Same padded width, held as two chunks.
     return Config(block_rows=1, block_cols=cols // 2, num_warps=num_warps)
   return Config(block_rows=block_rows, block_cols=cols, num_warps=num_warps)
+
+
+def _forward_persistent(layout: Config, n: int, itemsize: int) -> Config:
+  """`layout` on the persistent grid where that was measured to win
+  (the comments at _PERSISTENT_MIN_ROW_BYTES)."""
+  cols = pl.next_power_of_2(n)
+  if not layout.resident(n) or cols * itemsize < _PERSISTENT_MIN_ROW_BYTES:
+    return layout
+  persistent = functools.partial(dataclasses.replace, layout, prefetch=True,
+                                 hold_scale=True)
+  if n > 8192:
+    return persistent(block_cols=_PERSISTENT_WIDE_CHUNK_BYTES // itemsize,
+                      **_PERSISTENT_WIDE)
+  if layout.block_cols < cols:   # halves
+    return persistent(programs_per_sm=_PERSISTENT_HALVES_PER_SM)
+  if n != cols:                  # one padded block
+    return layout
+  num_warps, per_sm = _PERSISTENT_BY_ROW_BYTES[cols * itemsize]
+  return persistent(num_warps=num_warps, programs_per_sm=per_sm)
 
 
 def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
@@ -220,7 +274,7 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   cols = pl.next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS or cols * itemsize > _WARPS_BY_BYTES[-1][0]:
     # Looped, or float32 rows past 8192: the forward's chunked layouts.
-    return get_config(1, n, dtype)
+    return _row_layout(n, itemsize)
   persistent = functools.partial(_quant_persistent, itemsize=itemsize,
                                  residual=residual)
   if cols * itemsize <= _QUANT_SHORT_ROW_BYTES:

@@ -97,7 +97,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
   validation.require_operand_shapes(x, residual, scale)
   common.check_supported(m, n)
   if config is None:
-    config = triton_config.get_config(m, n, x.dtype, platform.device_kind())
+    config = triton_config.get_config(m, n, x.dtype, platform.device_kind(),
+                                      residual=residual is not None)
   logger.debug("rms_norm triton forward: rows=%d n=%d dtype=%s residual=%s "
                "%s", m, n, x.dtype, residual is not None, config)
   norm_dtype = x.dtype if residual is None else residual.dtype
