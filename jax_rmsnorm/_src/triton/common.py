@@ -112,6 +112,19 @@ class RowBlock:
     w = self.load(scale_ref, k, self.masks(k)[1]).astype(jnp.float32)
     return (jnp.float32(offset) + w)[None, :]
 
+  def normalized(self, k, x, rstd, *, round_to, scale_ref, held,
+                 offset: float, interpret: bool):
+    """y of chunk k, float32, as reference.forward computes it: x * rstd,
+    rounded to `round_to` first where given (cast order "hf"), times the
+    scale's chunk plus offset (`held[k]`, or loaded here)."""
+    y = x * rstd
+    if round_to is not None:
+      y = round_trip(y, round_to, interpret)
+    if scale_ref is not None:
+      y = y * (held[k] if held is not None
+               else self.scale_chunk(scale_ref, k, offset))
+    return y
+
   def load_input(self, k, x_ref, r_ref):
     """Chunk k of x (and of the residual, else None), in their dtypes."""
     mask = self.masks(k)[0]

@@ -47,19 +47,17 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
   h_ref = refs.pop(0) if has_residual else None
   rstd_ref = refs.pop(0) if save_rstd else None
   num_chunks = config.num_chunks(n)
+  round_to = ((x_ref.dtype if r_ref is None else r_ref.dtype)
+              if round_normalized else None)
 
   def rows(block, loaded, held):
     load_row = block.row_loader(loaded, x_ref, r_ref, h_ref,
                                 interpret=interpret)
 
     def write(k, x):
-      y = x * rstd
-      if round_normalized:
-        y = common.round_trip(
-            y, x_ref.dtype if r_ref is None else r_ref.dtype, interpret)
-      if scale_ref is not None:
-        y = y * (held[k] if held is not None
-                 else block.scale_chunk(scale_ref, k, offset))
+      y = block.normalized(k, x, rstd, round_to=round_to,
+                           scale_ref=scale_ref, held=held, offset=offset,
+                           interpret=interpret)
       block.store(y_ref, k, y, block.masks(k)[0])
 
     xs, sq = block.sum_squares(load_row, num_chunks, config.resident(n))

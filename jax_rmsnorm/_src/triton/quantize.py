@@ -80,6 +80,8 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
   # Hopper's float32 -> float8 conversion saturates (satfinite); interpret
   # mode's (XLA's) does not, and int8 needs the clip before rounding.
   clip = interpret or quant_dtype == jnp.int8
+  round_to = ((x_ref.dtype if r_ref is None else r_ref.dtype)
+              if round_normalized else None)
 
   def rows(block, loaded, held):
     """Normalizes and quantizes `block`'s rows; `loaded`: their chunks'
@@ -88,15 +90,9 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
                                 interpret=interpret)
 
     def normalized(k, x):
-      """y of chunk k, float32, as reference.forward computes it."""
-      y = x * rstd
-      if round_normalized:
-        y = common.round_trip(
-            y, x_ref.dtype if r_ref is None else r_ref.dtype, interpret)
-      if scale_ref is not None:
-        y = y * (held[k] if held is not None
-                 else block.scale_chunk(scale_ref, k, offset))
-      return y
+      return block.normalized(k, x, rstd, round_to=round_to,
+                              scale_ref=scale_ref, held=held, offset=offset,
+                              interpret=interpret)
 
     def chunk_amax(y):
       return jnp.max(quantize.abs_nan_as_inf(y), axis=1, keepdims=True)
