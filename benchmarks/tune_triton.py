@@ -13,6 +13,7 @@ shapes). The best configurations feed `triton_config.get_config` /
   python -m benchmarks.tune_triton --sweep backward --out /tmp/tune_bwd.json
   python -m benchmarks.tune_triton --sweep quant --out /tmp/tune_quant.json
   python -m benchmarks.tune_triton --sweep quant-residual --out /tmp/r.json
+  python -m benchmarks.tune_triton --sweep forward-persistent --out /tmp/f.json
 """
 
 from __future__ import annotations
