@@ -28,21 +28,24 @@ from tests.conftest import ON_GPU
     ((4, 4096), "float16", 8192),      # exact blocks
     ((2, 3, 100), "bfloat16", 16),     # leading axes, 38 blocks
 ], ids=str)
-def test_pallas_copy_copies(shape, dtype, block):
+@pytest.mark.parametrize("hints", [False, True], ids=["plain", "hints"])
+def test_pallas_copy_copies(shape, dtype, block, hints):
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
   y = jax.jit(functools.partial(bench.pallas_copy, block=block, num_warps=4,
-                                interpret=True))(x)
+                                cache_hints=hints, interpret=True))(x)
   assert y.dtype == x.dtype and y.shape == x.shape
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
 
 
 @pytest.mark.parametrize("block,warps", bench.COPY_CONFIGS)
-@pytest.mark.parametrize("shape", [(65536, 896), (3, 1000)], ids=str)
-def test_pallas_copy_lowers_for_cuda(shape, block, warps, monkeypatch):
+@pytest.mark.parametrize("shape,hints", [((65536, 896), False),
+                                         ((3, 1000), True)], ids=str)
+def test_pallas_copy_lowers_for_cuda(shape, hints, block, warps, monkeypatch):
   """The Triton lowering's own rules (power-of-two blocks), on a CPU."""
   monkeypatch.setattr(bench.platform, "on_cuda_gpu", lambda: True)
   x = jnp.zeros(shape, jnp.bfloat16)
-  fn = functools.partial(bench.pallas_copy, block=block, num_warps=warps)
+  fn = functools.partial(bench.pallas_copy, block=block, num_warps=warps,
+                         cache_hints=hints)
   calls = test_lowering._kernel_calls(test_lowering.export_for_cuda(fn, x))
   assert len(calls) == 1 and bench.COPY_KERNEL_NAME in calls[0], calls
 

@@ -15,11 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 import jax_rmsnorm
 from jax_rmsnorm._src import platform
 from jax_rmsnorm._src.triton import backward as triton_backward
 from jax_rmsnorm._src.triton import forward as triton_forward
+from jax_rmsnorm._src.triton import quantize as triton_quantize
+from jax_rmsnorm._src.triton.config import MAX_ONE_PASS_COLS
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -145,3 +148,76 @@ def test_automatic_choice_is_made_per_platform_at_lowering(grad,
   want = jax.jit(fn)(x, scale)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def _cache_hints(fn, *args) -> dict[str, tuple[set, set]]:
+  """{kernel name: (the L2 eviction policies of its loads, of its stores)}
+  of the Pallas kernels traced in fn(*args), loops inside them included."""
+  found = {}
+
+  def subjaxprs(eqn):
+    for param in eqn.params.values():
+      for p in param if isinstance(param, (tuple, list)) else (param,):
+        p = getattr(p, "jaxpr", p)
+        if hasattr(p, "eqns"):
+          yield p
+
+  def walk(jaxpr, hints):
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      if name == "pallas_call":
+        kernel = found.setdefault(str(eqn.params["name"]), (set(), set()))
+        walk(eqn.params["jaxpr"], kernel)
+        continue
+      if hints is not None and "load" in name:
+        hints[0].add(eqn.params.get("eviction_policy"))
+      elif hints is not None and "swap" in name:
+        hints[1].add(eqn.params.get("eviction_policy"))
+      for sub in subjaxprs(eqn):
+        walk(sub, hints)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr, None)
+  return found
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((3, 896), "bfloat16"),      # several rows a program
+    ((5, 5120), "float32"),      # halves, persistent
+    ((4, 4096), "bfloat16"),     # one block, persistent, loaded ahead
+    ((2, 14336), "bfloat16"),    # chunks of 8 KiB, persistent
+    ((2, 65536), "float32"),     # two passes over HBM
+], ids=str)
+def test_only_the_forward_streams_with_cache_hints(shape, dtype):
+  """The forward (and add_rms_norm's) loads its rows evict_last and stores
+  evict_first (Config.cache_hints, measured to win on an H200); the
+  backward and the quantized kernel, where they were not, carry no hint."""
+  x = jnp.zeros(shape, dtype)
+  scale = jnp.zeros(shape[-1:], dtype)
+  forward = _cache_hints(functools.partial(
+      jax_rmsnorm.rms_norm, implementation="triton"), x, scale)
+  # x loaded evict_last (the scale without a hint), y stored evict_first.
+  assert forward == {triton_forward.KERNEL_NAME: (
+      {None, "evict_last"}, {"evict_first"})}, forward
+
+  # The backward kernel holds a row in registers: rows up to its limit.
+  backward = pl.next_power_of_2(shape[-1]) <= MAX_ONE_PASS_COLS
+
+  def others(x, scale):
+    y, h = jax_rmsnorm.add_rms_norm(x, x, scale, implementation="triton")
+    q, _ = jax_rmsnorm.rms_norm_quantized(x, scale, implementation="triton")
+    if not backward:
+      return y, h, q
+    y2, pull = jax.vjp(lambda a: jax_rmsnorm.rms_norm(
+        a, scale, implementation="triton"), x)
+    return y, h, q, pull(y2)
+
+  hints = _cache_hints(others, x, scale)
+  # With a residual (and, for the backward, rstd) the forward writes more.
+  assert hints.pop(triton_forward.KERNEL_NAME) == (
+      {None, "evict_last"},
+      {None, "evict_first"} if backward else {"evict_first"}), hints
+  assert set(hints) == ({triton_quantize.KERNEL_NAME}
+                        | ({triton_backward.KERNEL_NAME} if backward
+                           else set())), hints
+  for kernel, policies in hints.items():
+    assert policies == ({None}, {None}), (kernel, policies)

@@ -10,6 +10,7 @@ bound against the float64 oracle (`testing`; <= 1 passes).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import statistics
@@ -132,28 +133,34 @@ COPY_KERNEL_NAME = "jax_rmsnorm_copy"
 COPY_CONFIGS = ((4096, 4), (8192, 8), (16384, 16))
 
 
-def _copy_kernel(x_ref, o_ref, *, total: int, block: int):
+def _copy_kernel(x_ref, o_ref, *, total: int, block: int, cache_hints: bool):
   """Copies one block of the flat array; masked where the last block
-  passes the end."""
+  passes the end. cache_hints: the forward's (Config.cache_hints)."""
+  load_hint = dict(eviction_policy="evict_last") if cache_hints else {}
+  store_hint = dict(eviction_policy="evict_first") if cache_hints else {}
   if total % block == 0:
-    plgpu.store(o_ref, plgpu.load(x_ref))
+    plgpu.store(o_ref, plgpu.load(x_ref, **load_hint), **store_hint)
     return
   offsets = pl.program_id(0) * block + jax.lax.iota(jnp.int32, block)
   mask = offsets < total
-  plgpu.store(o_ref, plgpu.load(x_ref, mask=mask, other=0.0), mask=mask)
+  plgpu.store(o_ref, plgpu.load(x_ref, mask=mask, other=0.0, **load_hint),
+              mask=mask, **store_hint)
 
 
 def pallas_copy(x: jax.Array, *, block: int = 8192, num_warps: int = 8,
-                num_stages: int = 1, interpret: bool = False) -> jax.Array:
+                num_stages: int = 1, cache_hints: bool = False,
+                interpret: bool = False) -> jax.Array:
   """A device-to-device copy of `x` by a Pallas kernel (Triton backend):
   `block` elements a program (a power of two) over x as a flat array, read
-  once and written once. The copy ceiling's second candidate, beside XLA's
-  `x * 2`."""
+  once and written once, with the forward's L2 eviction hints where
+  `cache_hints` (they sped the copy up as much as the forward). The copy
+  ceiling's second candidate, beside XLA's `x * 2`."""
   total = x.size
   block = min(block, pl.next_power_of_2(max(total, 1)))
   spec = pl.BlockSpec((block,), lambda i: (i,))
   out = pl.pallas_call(
-      functools.partial(_copy_kernel, total=total, block=block),
+      functools.partial(_copy_kernel, total=total, block=block,
+                        cache_hints=cache_hints),
       out_shape=jax.ShapeDtypeStruct((total,), x.dtype),
       grid=(pl.cdiv(total, block),),
       in_specs=[spec],
@@ -171,7 +178,8 @@ def copy_ceiling(m: int, n: int, dtype: str, iterations: int = 20,
                  interpret: bool = False) -> dict:
   """The practical bandwidth ceiling at this shape: the faster of XLA's
   `x * 2` and the Pallas copy (`pallas_copy`, the fastest of
-  COPY_CONFIGS), each reading and writing m * n elements of `dtype`.
+  COPY_CONFIGS, each with and without cache hints), each reading and
+  writing m * n elements of `dtype`.
 
   Returns xla_copy_us, pallas_copy_us (None if no configuration ran and
   copied exactly), pallas_copy_config, copy_us (the faster), copy_is (which
@@ -182,20 +190,22 @@ def copy_ceiling(m: int, n: int, dtype: str, iterations: int = 20,
                         jnp.float32).astype(dtype)
   xla_us = measure_us(jax.jit(lambda a: a * 2), x, iterations=iterations)
   best, best_config = None, None
-  for block, warps in COPY_CONFIGS:
-    fn = jax.jit(functools.partial(pallas_copy, block=block,
-                                   num_warps=warps, interpret=interpret))
+  for (block, warps), hints in itertools.product(COPY_CONFIGS, (False, True)):
+    fn = jax.jit(functools.partial(pallas_copy, block=block, num_warps=warps,
+                                   cache_hints=hints, interpret=interpret))
     try:
       if not bool(jnp.array_equal(fn(x), x)):
         raise ValueError("the copy differs from its input")
       us = measure_us(fn, x, iterations=iterations)
     except Exception as e:  # pylint: disable=broad-except
       # The ceiling falls back to XLA's copy; the row says so.
-      logger.warning("pallas copy (block %d, %d warps) at %dx%d %s failed: "
-                     "%s", block, warps, m, n, dtype, str(e)[:300])
+      logger.warning("pallas copy (block %d, %d warps, cache hints %s) at "
+                     "%dx%d %s failed: %s", block, warps, hints, m, n, dtype,
+                     str(e)[:300])
       continue
     if best is None or us < best:
-      best, best_config = us, f"block {block}, {warps} warps"
+      best, best_config = us, (f"block {block}, {warps} warps"
+                               + (", cache hints" if hints else ""))
   pallas_faster = best is not None and best < xla_us
   copy_us = best if pallas_faster else xla_us
   return dict(xla_copy_us=xla_us, pallas_copy_us=best,

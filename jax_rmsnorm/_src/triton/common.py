@@ -50,12 +50,18 @@ class RowBlock:
   so those loads and stores stay unmasked."""
 
   def __init__(self, *, m: int, n: int, block_rows: int, block_cols: int,
-               first_row=None):
+               first_row=None, cache_hints: bool = False):
     """first_row: None where each program's refs are its own block of rows
     (program i, rows i * block_rows on); else the first row of this block
     in refs that hold every row (a persistent program's loop step), whose
-    rows are then always masked (a last step may lie past the end)."""
+    rows are then always masked (a last step may lie past the end).
+    cache_hints: `load_input` loads with L2 priority evict_last and `store`
+    stores evict_first (Config.cache_hints)."""
     self.m, self.n = m, n
+    self.load_hint = (dict(eviction_policy="evict_last") if cache_hints
+                      else {})
+    self.store_hint = (dict(eviction_policy="evict_first") if cache_hints
+                       else {})
     self.block_rows, self.block_cols = block_rows, block_cols
     self.shape = (block_rows, block_cols)
     self.whole = first_row is not None
@@ -84,17 +90,17 @@ class RowBlock:
                     ds(k * self.block_cols, self.block_cols)]
     return columns(ref, k * self.block_cols, self.block_cols)
 
-  def load(self, ref, k, mask):
+  def load(self, ref, k, mask, **hint):
     if mask is None:
-      return plgpu.load(self.chunk(ref, k))
-    return plgpu.load(self.chunk(ref, k), mask=mask, other=0.0)
+      return plgpu.load(self.chunk(ref, k), **hint)
+    return plgpu.load(self.chunk(ref, k), mask=mask, other=0.0, **hint)
 
   def store(self, ref, k, value, mask):
     value = value.astype(ref.dtype)
     if mask is None:
-      plgpu.store(self.chunk(ref, k), value)
+      plgpu.store(self.chunk(ref, k), value, **self.store_hint)
     else:
-      plgpu.store(self.chunk(ref, k), value, mask=mask)
+      plgpu.store(self.chunk(ref, k), value, mask=mask, **self.store_hint)
 
   def store_rows(self, ref, values):
     """A (block_rows,) vector, one value per row, into a (m,) ref."""
@@ -128,8 +134,9 @@ class RowBlock:
   def load_input(self, k, x_ref, r_ref):
     """Chunk k of x (and of the residual, else None), in their dtypes."""
     mask = self.masks(k)[0]
-    return (self.load(x_ref, k, mask),
-            None if r_ref is None else self.load(r_ref, k, mask))
+    return (self.load(x_ref, k, mask, **self.load_hint),
+            None if r_ref is None
+            else self.load(r_ref, k, mask, **self.load_hint))
 
   def normalized_input(self, k, loaded, r_ref, h_ref, *, write_h: bool,
                        interpret: bool):
@@ -225,7 +232,8 @@ def each_row_block(body, *, grid: RowGrid, config: triton_config.Config,
 
   def block_at(first_row=None):
     return RowBlock(m=m, n=n, block_rows=config.block_rows,
-                    block_cols=config.block_cols, first_row=first_row)
+                    block_cols=config.block_cols, first_row=first_row,
+                    cache_hints=config.cache_hints)
 
   if not grid.steps:
     body(block_at(), None, None)

@@ -44,6 +44,9 @@ class Config:
       registers across its loop, rather than re-reading it every step.
     dscale_by_columns: the backward sums d(scale) by column slices over all
       rows (for few rows) rather than in per-program partials.
+    cache_hints: rows are loaded with L2 priority evict_last and outputs
+      stored evict_first (`common.RowBlock`; the forward, where it was
+      measured to win: the comments at _FORWARD_CACHE_HINTS).
   """
   block_rows: int
   block_cols: int
@@ -54,6 +57,7 @@ class Config:
   min_blocks_per_program: int = 1
   hold_scale: bool = False
   dscale_by_columns: bool = False
+  cache_hints: bool = False
 
   def __post_init__(self):
     for field in ("block_rows", "block_cols", "num_warps"):
@@ -140,6 +144,17 @@ _PERSISTENT_BY_ROW_BYTES = {8192: (8, 4), 16384: (16, 2), 32768: (16, 2)}
 _PERSISTENT_HALVES_PER_SM = 4
 _PERSISTENT_WIDE = dict(num_warps=32, programs_per_sm=1)
 _PERSISTENT_WIDE_CHUNK_BYTES = 8192
+# The forward's rows (x, the residual) are loaded with L2 eviction priority
+# evict_last and its outputs (y, h) stored evict_first. On an H200 (JAX
+# 0.11.2, CUPTI; benchmarks/results/cache_hints_h200.json) the loads' hint
+# alone ran f32 32768 x 4096 in 258.8 us against 270.1, bf16 32768 x 4096
+# 129.7 against 134.9, 16384 x 8192 130.6 against 136.4, add_rms_norm bf16
+# 32768 x 4096 266.1 against 274.5; the stores' hint 2048 x 4096 in 6.7
+# against 7.4 (every other shape within 1% of the loads' hint alone). The
+# same hints on a Pallas copy sped it up alike (f32 264 -> 254 us), and the
+# benchmarks' copy ceiling includes that copy. The backward (within +-2%
+# either way, 14336 slower) and the quantized kernel (no change) keep none.
+_FORWARD_CACHE_HINTS = True
 
 # The quantized kernel, tuned on an H200 (`python -m benchmarks.tune_triton
 # --sweep quant` and `--sweep quant-static`; benchmarks/results/
@@ -213,7 +228,8 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None,
   """
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
-  layout = _row_layout(n, itemsize)
+  layout = dataclasses.replace(_row_layout(n, itemsize),
+                               cache_hints=_FORWARD_CACHE_HINTS)
   return layout if residual else _forward_persistent(layout, n, itemsize)
 
 
