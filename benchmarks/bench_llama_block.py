@@ -85,8 +85,12 @@ def main(argv=None) -> int:
   steps = {name: make_steps(cfg, norm, x, target, fuse_residual=fuse)
            for name, (norm, fuse) in variants.items()}
   times = {name: {"train": [], "inference": []} for name in variants}
-  for _ in range(args.rounds):
-    for name, step in steps.items():
+  names = list(steps)
+  for r in range(args.rounds):
+    # Each round starts at the next variant, so that a drift of the card's
+    # clocks within a round favours none of them.
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      step = steps[name]
       for kind in ("train", "inference"):
         fn, fn_args = step[kind]
         times[name][kind].append(bench.measure_us(
