@@ -27,6 +27,7 @@ from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import shapes
 from jax_rmsnorm._src import testing
+from jax_rmsnorm._src.triton import common as triton_common
 
 logger = logging.getLogger("jax_rmsnorm")
 
@@ -136,8 +137,7 @@ COPY_CONFIGS = ((4096, 4), (8192, 8), (16384, 16))
 def _copy_kernel(x_ref, o_ref, *, total: int, block: int, cache_hints: bool):
   """Copies one block of the flat array; masked where the last block
   passes the end. cache_hints: the forward's (Config.cache_hints)."""
-  load_hint = dict(eviction_policy="evict_last") if cache_hints else {}
-  store_hint = dict(eviction_policy="evict_first") if cache_hints else {}
+  load_hint, store_hint = triton_common.eviction_hints(cache_hints)
   if total % block == 0:
     plgpu.store(o_ref, plgpu.load(x_ref, **load_hint), **store_hint)
     return

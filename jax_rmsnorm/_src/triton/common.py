@@ -42,6 +42,16 @@ def columns(ref, start, size: int):
   return ref.at[ds(0, ref.shape[0]), ds(start, size)]
 
 
+def eviction_hints(on: bool) -> tuple[dict, dict]:
+  """(load, store) keyword arguments of the L2 eviction hints of
+  Config.cache_hints: rows loaded evict_last, outputs stored evict_first;
+  none where not `on`."""
+  if not on:
+    return {}, {}
+  return (dict(eviction_policy="evict_last"),
+          dict(eviction_policy="evict_first"))
+
+
 class RowBlock:
   """The rows one program of a row-wise kernel handles: `block_rows` rows of
   an (m, n) array, read as chunks of `block_cols` columns. Masks cover the
@@ -58,10 +68,7 @@ class RowBlock:
     cache_hints: `load_input` loads with L2 priority evict_last and `store`
     stores evict_first (Config.cache_hints)."""
     self.m, self.n = m, n
-    self.load_hint = (dict(eviction_policy="evict_last") if cache_hints
-                      else {})
-    self.store_hint = (dict(eviction_policy="evict_first") if cache_hints
-                       else {})
+    self.load_hint, self.store_hint = eviction_hints(cache_hints)
     self.block_rows, self.block_cols = block_rows, block_cols
     self.shape = (block_rows, block_cols)
     self.whole = first_row is not None
