@@ -225,6 +225,11 @@ BACKWARD_CASES = [
     ((3, 4096), "float16", "float16", True, None, 0.0, "float32"),
     ((1, 8192), "bfloat16", "bfloat16", False, "bfloat16", 0.0, "hf"),
     ((6, 2048), "bfloat16", "float32", False, "bfloat16", 0.0, "float32"),
+    # Rows split between warpgroups (mosaic_config.backward_slices): two
+    # slices with a tail chunk each, and dh; four.
+    ((3, 5248), "bfloat16", "bfloat16", True, "float32", 0.0, "hf"),
+    ((2, 14336), "bfloat16", "bfloat16", False, "float32", 0.0, "float32"),
+    ((2, 12288), "float32", "float32", True, "float32", 1.0, "float32"),
 ]
 
 
@@ -260,6 +265,7 @@ def test_backward_matches_oracle(shape, dtype, dy_dtype, has_dh, scale_dtype,
     (896, "bfloat16", 1),    # one row: the 1-D chunk path against 2-D
     (1000, "bfloat16", 8),   # the overlapping tail chunk
     (5120, "float32", 2),    # the chunk loop
+    (5120, "bfloat16", 3),   # the backward's rows split in two slices
 ], ids=str)
 def test_rows_do_not_depend_on_the_batch(n, dtype, rows):
   """A row's bits (y, rstd, dx) are the same alone as among others."""
@@ -365,6 +371,16 @@ def test_config_is_a_function_of_the_row():
   assert mosaic_config.pick_vec(5120, 4) == 4
   assert mosaic_config.row_multiple(4096) == 1
   assert mosaic_config.row_multiple(1000) == 8
+  # Rows split between warpgroups where measured to win, if they split.
+  slices = functools.partial(mosaic_config.backward_slices, vec=4)
+  assert slices(4096, row_itemsize=2, itemsizes=[2, 2, 4]) == 1
+  assert slices(5120, row_itemsize=2, itemsizes=[2, 2, 4]) == 2
+  assert slices(14336, row_itemsize=2, itemsizes=[2, 2, 4]) == 4
+  assert slices(8192, row_itemsize=4, itemsizes=[4, 4, 4]) == 1
+  assert slices(14336, row_itemsize=4, itemsizes=[4, 4]) == 4
+  assert slices(8200, row_itemsize=2, itemsizes=[2, 2]) == 1  # no 128 B
+  with pytest.raises(ValueError, match="one row"):
+    mosaic_config.Config(vec=4, block_rows=2, stages=1, warpgroups=2)
 
 
 # ---------------------------------------------------------------------------
@@ -474,7 +490,10 @@ def test_quantized_refuses_unaligned_codes():
 @pytest.mark.parametrize("m,n,dtype", [
     (2048, 4096, "bfloat16"), (256, 4096, "bfloat16"), (16, 4096, "bfloat16"),
     (13, 5120, "bfloat16"), (128, 14336, "bfloat16"), (600, 896, "bfloat16"),
-    (2048, 4096, "float32"), (97, 1152, "float16")], ids=str)
+    (2048, 4096, "float32"), (97, 1152, "float16"),
+    # The backward's rows split in slices (2, 4, 4 warpgroups).
+    (4096, 8192, "bfloat16"), (4096, 14336, "bfloat16"),
+    (1024, 14336, "float32")], ids=str)
 def test_compiled_kernels_match_oracle(m, n, dtype):
   """The compiled Mosaic forward (with a residual) and backward through the
   public API, against the float64 oracle, on the GPU."""

@@ -5,6 +5,7 @@ Hopper)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -31,12 +32,22 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   `config.stages` of them in shared memory at once (common.pipeline), and
   sums d(scale) over its own rows.
 
+  With W = config.warpgroups, a row's columns are split in W slices of
+  n / W, one a warpgroup: every operand of n columns comes as (rows * W,
+  n / W) (the scale as (W, n / W)), and warpgroup w works on rows r * W + w
+  (its slice of row r) with its own buffers, barriers and d(scale) sums,
+  exactly as one warpgroup works on whole rows, except that the row sum of
+  g * xhat is the sum of the W slices' sums, exchanged through shared
+  memory and added in the order of w.
+
   Refs: x, dy, [dh], [scale], rstd in GMEM, dx and [the d(scale) partials
-  (ctas, chunk slots * chunk)] in GMEM; then the SMEM buffers x and dy
-  (stages, rows, n), [dh (when config.dh_in_smem)], [scale (when
-  config.scale_in_smem)], [d(scale) sums (chunk slots * chunk,) float32],
-  the load barriers (one a stage) and [the scale's barrier]. dx is written
-  over x's buffer.
+  (ctas, W, chunk slots * chunk)] in GMEM; then the SMEM buffers x and dy
+  (W, stages, rows, n / W), [dh (when config.dh_in_smem)], [scale (W,
+  n / W) (when config.scale_in_smem)], [d(scale) sums (W, chunk slots *
+  chunk) float32], [for W > 1: the slices' chunk sums (2, W, chunk) and
+  row totals (2,) float32, and two pairs of barriers: sums ready, total
+  done], the load barriers (W * stages) and [the scale's barriers (W)]. dx
+  is written over x's buffer.
 
   With xhat = x * rstd and g = dy * (offset + scale):
 
@@ -61,12 +72,28 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   dh_smem = refs.pop(0) if has_dh and config.dh_in_smem else None
   w_smem = refs.pop(0) if has_scale and config.scale_in_smem else None
   dw_smem = refs.pop(0) if has_scale else None
+  slices = config.warpgroups
+  if slices > 1:
+    sums_smem, total_smem = refs.pop(0), refs.pop(0)
+    sums_ready, sums_done = refs.pop(0), refs.pop(0)
   barrier = refs.pop(0)
   w_barrier = refs.pop(0) if w_smem is not None else None
   assert not refs, refs
 
+  wg = lax.axis_index("wg") if slices > 1 else 0
+  x_smem, dy_smem = x_smem.at[wg], dy_smem.at[wg]
+  if dh_smem is not None:
+    dh_smem = dh_smem.at[wg]
+  if w_smem is not None:
+    w_smem = w_smem.at[wg]
+  if w_gmem is not None:
+    w_gmem = w_gmem.at[wg]
+  if dw_smem is not None:
+    dw_smem = dw_smem.at[wg]
+  first_barrier = wg * config.stages
+
   rows, vec = config.block_rows, config.vec
-  chunks = common.Chunks(n, config.chunk_cols)
+  chunks = common.Chunks(n // slices, config.chunk_cols)
   cols = chunks.cols
   shape = (rows, cols)
   layout = common.chunk_layout(vec)
@@ -77,6 +104,10 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   blocks = common.Blocks(m, rows, ctas)
   cta = lax.axis_index("ctas")
 
+  def gmem_rows(start):
+    """This warpgroup's slices of rows [start, start + rows)."""
+    return pl.ds(start * slices + wg, rows)
+
   def slot_of(k):
     """The d(scale) sums of chunk k: its own slot (the tail's is last)."""
     return dw_smem.at[pl.ds(k * cols, cols)]
@@ -84,6 +115,37 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   def broadcast_rows(value):
     return common.with_layout(lax.broadcast_in_dim(value, shape, (0,)),
                               layout, interpret)
+
+  def row_means(acc, step):
+    """The (rows, cols) chunk sums `acc` of g * xhat -> their mean over the
+    whole row, broadcast over the columns. With several slices (one row a
+    block), the other warpgroups hand their chunk sums to warpgroup 0
+    through shared memory; it adds them in the order of w, reduces the one
+    row and hands back the total. (Pallas gives every reduction across
+    warps one scratch buffer at one offset: warpgroups reducing at once
+    would race on it, so only warpgroup 0 does.)"""
+    if slices == 1:
+      return broadcast_rows(jnp.sum(acc, axis=1) / jnp.float32(n))
+    parity = step % 2  # Warpgroup 0 read step - 2's by now, and they its.
+    mine = jnp.sum(acc, axis=0)  # One row: no reduction across warps.
+
+    @pl.when(wg != 0)
+    def _():
+      sums_smem.at[parity, wg][...] = mine
+      plgpu.barrier_arrive(sums_ready.at[parity])
+      plgpu.barrier_wait(sums_done.at[parity])
+
+    @pl.when(wg == 0)
+    def _():
+      plgpu.barrier_wait(sums_ready.at[parity])
+      total = mine
+      for w in range(1, slices):
+        total = total + load(sums_smem.at[parity, w], column_layout)
+      total_smem[parity] = jnp.sum(total)
+      plgpu.barrier_arrive(sums_done.at[parity])
+
+    return common.with_layout(lax.broadcast_in_dim(
+        total_smem[parity] / jnp.float32(n), shape, ()), layout, interpret)
 
   def scale_of(k):
     """offset + scale of chunk k, float32, broadcast over the rows."""
@@ -100,7 +162,7 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     col = common.iota(shape, 1, layout, interpret)
     return jnp.where(col >= chunks.overlap, value, jnp.zeros_like(value))
 
-  if dw_smem is not None:  # Zero this CTA's d(scale) sums.
+  if dw_smem is not None:  # Zero this warpgroup's d(scale) sums.
     zeros = common.iota((cols,), 0, column_layout, interpret).astype(f32)
     zeros = zeros * jnp.float32(0)
     for k in range(chunks.count + chunks.has_tail):
@@ -141,7 +203,7 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
       return prod if acc is None else acc + prod
 
     acc = chunks.visit(products)
-    mean_gx = broadcast_rows(jnp.sum(acc, axis=1) / jnp.float32(n))
+    mean_gx = row_means(acc, step)
 
     # Pass 2: dx, written over x.
     held = []
@@ -153,7 +215,7 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
         if dh_smem is not None:
           dx = dx + io.get(dh_smem.at[slot], chunks.start(k))
         else:
-          dx = dx + io.get(dh_gmem.at[pl.ds(start, rows)], chunks.start(k),
+          dx = dx + io.get(dh_gmem.at[gmem_rows(start)], chunks.start(k),
                            gmem=True)
       if chunks.is_tail(k):
         held.append(dx)
@@ -169,28 +231,36 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
   def load_block(step, slot, start):
     del step
-    block = pl.ds(start, rows)
-    common.copy_in(x_gmem.at[block], x_smem.at[slot], barrier.at[slot])
-    common.copy_in(dy_gmem.at[block], dy_smem.at[slot], barrier.at[slot])
+    block, arrive = gmem_rows(start), barrier.at[first_barrier + slot]
+    common.copy_in(x_gmem.at[block], x_smem.at[slot], arrive)
+    common.copy_in(dy_gmem.at[block], dy_smem.at[slot], arrive)
     if dh_smem is not None:
-      common.copy_in(dh_gmem.at[block], dh_smem.at[slot], barrier.at[slot])
+      common.copy_in(dh_gmem.at[block], dh_smem.at[slot], arrive)
 
   def store_block(step, slot, start):
     del step
-    common.store_out(x_smem.at[slot], dx_gmem.at[pl.ds(start, rows)],
+    common.store_out(x_smem.at[slot], dx_gmem.at[gmem_rows(start)],
                      last=True)
 
   if w_smem is not None:
-    common.copy_in(w_gmem, w_smem, w_barrier.at[0])
+    common.copy_in(w_gmem, w_smem, w_barrier.at[wg])
   common.pipeline(
       blocks, cta, config.stages, barrier, load=load_block, compute=compute,
-      store=store_block,
+      store=store_block, first_barrier=first_barrier,
       before_loop=(None if w_smem is None
-                   else lambda: plgpu.barrier_wait(w_barrier.at[0])))
+                   else lambda: plgpu.barrier_wait(w_barrier.at[wg])))
   if dw_smem is not None:
     common.sync()
-    common.store_out(dw_smem, dw_gmem.at[cta], last=True)
+    common.store_out(dw_smem, dw_gmem.at[cta, wg], last=True)
     plgpu.wait_smem_to_gmem(0)
+
+
+def _slices_bytes(slices: int, chunk_cols: int) -> int:
+  """Shared memory the kernel takes for `slices` warpgroups besides their
+  buffers: the slices' chunk sums and totals, two steps' worth."""
+  if slices == 1:
+    return 0
+  return 2 * 4 * (slices * chunk_cols + 1)
 
 
 def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
@@ -223,6 +293,8 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
   if scale is not None:
     scale = common.aligned_scale(scale)
   chunk_dtypes = [x.dtype, dy.dtype] + ([dh.dtype] if dh is not None else [])
+  itemsizes = [jnp.dtype(d).itemsize for d in chunk_dtypes + (
+      [] if scale is None else [scale.dtype])]
   tiles = [x.dtype, dy.dtype]
   multiple = max(mosaic_config.row_multiple(n, jnp.dtype(d).itemsize)
                  for d in chunk_dtypes)
@@ -230,53 +302,67 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
     # With a scale, the float32 d(scale) sums are read in chunks too.
     max_itemsize = max(jnp.dtype(d).itemsize for d in chunk_dtypes + (
         [] if scale is None else [scale.dtype, jnp.float32]))
-    probe = mosaic_config.Config(
-        vec=mosaic_config.pick_vec(n, max_itemsize), block_rows=1, stages=1)
-    padded = common.Chunks(n, probe.chunk_cols).padded_cols
+    vec = mosaic_config.pick_vec(n, max_itemsize)
+    slices = mosaic_config.backward_slices(
+        n, vec, max(jnp.dtype(d).itemsize for d in tiles), itemsizes)
+    padded = slices * common.Chunks(
+        n // slices, mosaic_config.THREADS * vec).padded_cols
+    fixed = (0 if scale is None else 4 * padded) + _slices_bytes(
+        slices, mosaic_config.THREADS * vec)
     config = mosaic_config.get_config(
-        n, n * sum(jnp.dtype(d).itemsize for d in tiles), max_itemsize,
-        0 if scale is None else 4 * padded, multiple,
-        0 if scale is None else scale.size * scale.dtype.itemsize,
+        n, n * sum(jnp.dtype(d).itemsize for d in tiles), max_itemsize, fixed,
+        multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
         0 if dh is None else n * dh.dtype.itemsize,
         device_kind=platform.device_kind())
+    if slices > 1:
+      config = dataclasses.replace(config, block_rows=1, warpgroups=slices)
+  slices = config.warpgroups
+  if slices > 1:
+    mosaic_config.check_slices(n, slices, config.chunk_cols, itemsizes)
   config = config.for_rows(m, multiple, platform.sm_count())
   ctas = config.num_ctas(m, platform.sm_count())
-  chunks = common.Chunks(n, config.chunk_cols)
+  width = n // slices
+  chunks = common.Chunks(width, config.chunk_cols)
   logger.debug("rms_norm mosaic backward: rows=%d n=%d dtype=%s dh=%s "
                "ctas=%d %s", m, n, x.dtype, dh is not None, ctas, config)
   rows = config.block_rows
-  args = [x.reshape(m, n), dy.reshape(m, n)]
+  # Warpgroup w works on rows r * slices + w: its slice of row r.
+  args = [x.reshape(m * slices, width), dy.reshape(m * slices, width)]
   if dh is not None:
-    args.append(dh.reshape(m, n))
+    args.append(dh.reshape(m * slices, width))
   if scale is not None:
-    args.append(scale)
+    args.append(scale.reshape(slices, -1))
   args.append(rstd.reshape(m).astype(jnp.float32))
   like = (x, dy, dh, scale, rstd)
-  out_type = [avals.out_struct((m, n), x.dtype, *like)]
+  out_type = [avals.out_struct((m * slices, width), x.dtype, *like)]
   if scale is not None:
-    out_type.append(avals.out_struct((ctas, chunks.padded_cols), jnp.float32,
-                                     *like))
-  stage = (config.stages, rows, n)
+    out_type.append(avals.out_struct((ctas, slices, chunks.padded_cols),
+                                     jnp.float32, *like))
+  stage = (slices, config.stages, rows, width)
   scratch = [common.scratch(stage, x.dtype), common.scratch(stage, dy.dtype)]
   if dh is not None and config.dh_in_smem:
     scratch.append(common.scratch(stage, dh.dtype))
   if scale is not None and config.scale_in_smem:
-    scratch.append(common.scratch(scale.shape, scale.dtype))
+    scratch.append(common.scratch(args[-2].shape, scale.dtype))
   if scale is not None:
-    scratch.append(common.scratch((chunks.padded_cols,), jnp.float32))
+    scratch.append(common.scratch((slices, chunks.padded_cols), jnp.float32))
+  if slices > 1:  # The slices' chunk sums and totals, by step parity.
+    scratch += [common.scratch((2, slices, config.chunk_cols), jnp.float32),
+                common.scratch((2,), jnp.float32),
+                common.barriers(2, slices - 1), common.barriers(2, 1)]
   scratch.append(common.barriers(
-      config.stages, 2 + (dh is not None and config.dh_in_smem)))
+      slices * config.stages, 2 + (dh is not None and config.dh_in_smem)))
   if scale is not None and config.scale_in_smem:
-    scratch.append(common.barriers(1, 1))
+    scratch.append(common.barriers(slices, 1))
   kernel = functools.partial(
       _backward_kernel, m=m, n=n, config=config, ctas=ctas,
       offset=scale_offset, has_dh=dh is not None,
       has_scale=scale is not None, round_normalized=cast_order == "hf",
       interpret=bool(interpret))
   outs = common.launch(kernel, name=KERNEL_NAME, out_type=out_type,
-                       scratch_types=scratch, ctas=ctas,
-                       interpret=interpret)(*args)
+                       scratch_types=scratch, ctas=ctas, interpret=interpret,
+                       warpgroups=slices)(*args)
   dx = outs[0].reshape(x.shape)
   if scale is None:
     return dx, None
-  return dx, chunks.fold(jnp.sum(outs[1], axis=0))
+  return dx, chunks.fold(jnp.sum(outs[1], axis=0)).reshape(n)

@@ -347,7 +347,8 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
              load: Callable[[Any, Any, Any], None],
              compute: Callable[[Any, Any, Any], None],
              store: Callable[[Any, Any, Any], None],
-             before_loop: Callable[[], None] | None = None) -> None:
+             before_loop: Callable[[], None] | None = None,
+             first_barrier: Any = 0) -> None:
   """Runs this CTA's blocks through `stages` shared memory buffers.
 
   load(step, slot, start) issues the TMA copies of a block into buffer
@@ -363,7 +364,9 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
   computing, once step t - 1's stores have read it: the only order in which
   a block arrives while one is computed. With one, the next block is loaded
   after the stores. before_loop() runs once the first loads are issued
-  (waits for operands loaded once per CTA).
+  (waits for operands loaded once per CTA). Buffer `slot` arrives on
+  barrier.at[first_barrier + slot] (a warpgroup's own barriers, where
+  several split a row).
   """
   ahead = max(stages - 1, 1)
 
@@ -385,7 +388,7 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
     @pl.when(blocks.valid(cta, step))
     def _():
       start = blocks.start(cta, step)
-      plgpu.barrier_wait(barrier.at[slot])
+      plgpu.barrier_wait(barrier.at[first_barrier + slot])
       if stages == 2:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         issue(step + 1)
@@ -408,10 +411,13 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
 # Launch.
 
 def launch(body, *, name: str, out_type, scratch_types, ctas: int,
-           interpret) -> Callable[..., Any]:
+           interpret, warpgroups: int = 1) -> Callable[..., Any]:
   """The one plgpu.kernel of every Mosaic kernel here: a 1-D persistent
-  grid named "ctas" of one warpgroup each, Lane semantics (the layouts are
-  stated), no automatic barriers (the bodies place their own)."""
+  grid named "ctas" of CTAs of one warpgroup (or `warpgroups`, named
+  "wg"), Lane semantics (the layouts are stated), no automatic barriers
+  (the bodies place their own)."""
+  threads = {} if warpgroups == 1 else dict(num_threads=warpgroups,
+                                            thread_name="wg")
   return plgpu.kernel(
       body,
       out_type=out_type,
@@ -423,6 +429,7 @@ def launch(body, *, name: str, out_type, scratch_types, ctas: int,
           unsafe_no_auto_barriers=True),
       interpret=interpret_params(interpret),
       kernel_name=name,
+      **threads,
   )
 
 

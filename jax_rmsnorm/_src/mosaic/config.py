@@ -64,6 +64,12 @@ class Config:
     dh_in_smem: the backward's extra gradient dh comes in by TMA with x and
       dy; otherwise its chunks are loaded from GMEM straight into registers
       (it is read once), where shared memory is short.
+    warpgroups: warpgroups of a CTA (the backward). With more than one,
+      each takes an equal slice of every row's columns, with its own shared
+      memory buffers, copies and d(scale) sums, and they add their slices'
+      row sums through shared memory; a block is then one row. The slices'
+      sums are added in a fixed order: a row's arithmetic depends on
+      warpgroups, which depends on n and the dtypes only.
   """
   vec: int
   block_rows: int
@@ -71,10 +77,16 @@ class Config:
   ctas_per_sm: int = 1
   scale_in_smem: bool = True
   dh_in_smem: bool = True
+  warpgroups: int = 1
 
   def __post_init__(self):
-    if self.vec < 1 or self.vec & (self.vec - 1):
-      raise ValueError(f"Config.vec must be a power of two, got {self.vec}")
+    for field in ("vec", "warpgroups"):
+      value = getattr(self, field)
+      if value < 1 or value & (value - 1):
+        raise ValueError(f"Config.{field} must be a power of two, got {value}")
+    if self.warpgroups > 1 and self.block_rows != 1:
+      raise ValueError("Config.warpgroups > 1 splits one row a block, got "
+                       f"block_rows={self.block_rows}")
     for field in ("block_rows", "stages", "ctas_per_sm"):
       if getattr(self, field) < 1:
         raise ValueError(f"Config.{field} must be positive, got "
@@ -133,6 +145,49 @@ def row_multiple(n: int, itemsize: int = 2) -> int:
   has a multiple of this many rows. Hidden sizes that are multiples of 64
   need 1. The default itemsize is the smallest, the worst case."""
   return 128 // math.gcd(128, n * itemsize)
+
+
+# Warpgroups a backward CTA splits a row between, by the widest of x's and
+# dy's itemsizes: (rows longer than this, warpgroups), the first that
+# applies and splits n (`check_slices`). On an H200 (JAX 0.11.2, CUPTI,
+# benchmarks/results/mosaic_warpgroups_h200.json; backward alone, us, 1 /
+# 2 / 4 warpgroups, Triton): bf16 4096 x 14336 121 / 99 / 96 (136); 16384
+# x 8192 226 / 201 / 241 (211); 8192 x 5120 72 / 69 / 83 (77); 32768 x
+# 4096 197 / 216 / 231; 32768 x 3072 148 / 183 / 247. float32 4096 x 14336
+# 304 / 246 / 208 (225); 16384 x 8192 380 / 389 / 390 (404); 8192 x 5120
+# 128 / 130 / 127 (132); 32768 x 4096 399 / 400 / 401 (404). One
+# warpgroup holds a wide row's chunks alone (one CTA an SM: shared memory
+# is short), latency bound; several share its columns.
+_BACKWARD_SLICES_BY_ITEMSIZE = {2: ((8192, 4), (4096, 2)), 4: ((8192, 4),)}
+
+
+def backward_slices(n: int, vec: int, row_itemsize: int, itemsizes) -> int:
+  """Warpgroups a backward CTA splits each row between (Config.warpgroups):
+  a function of n and the dtypes (`row_itemsize`, the widest of x's and
+  dy's, every operand's `itemsizes`, the chunk's `vec`) only, so a row's
+  arithmetic does not depend on the batch."""
+  for past, slices in _BACKWARD_SLICES_BY_ITEMSIZE[row_itemsize]:
+    if n > past:
+      try:
+        check_slices(n, slices, THREADS * vec, itemsizes)
+      except ValueError:
+        continue
+      return slices
+  return 1
+
+
+def check_slices(n: int, slices: int, chunk_cols: int,
+                 itemsizes) -> None:
+  """Raises ValueError unless rows of n split in `slices` column slices,
+  one a warpgroup (Config.warpgroups): equal slices of at least one chunk,
+  each a multiple of 128 bytes in every operand's dtype (`itemsizes`), as
+  the TMA copy of one slice into shared memory must be."""
+  width = n // slices
+  if n % slices or width < chunk_cols or any(
+      width * size % 128 for size in itemsizes):
+    raise ValueError(
+        f"rows of {n} do not split in {slices} slices of whole 128-byte "
+        f"copies of at least {chunk_cols} columns")
 
 
 def smem_budget(ctas_per_sm: int) -> int:
