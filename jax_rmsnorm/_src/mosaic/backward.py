@@ -37,8 +37,8 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   n / W) (the scale as (W, n / W)), and warpgroup w works on rows r * W + w
   (its slice of row r) with its own buffers, barriers and d(scale) sums,
   exactly as one warpgroup works on whole rows, except that the row sum of
-  g * xhat is the sum of the W slices' sums, exchanged through shared
-  memory and added in the order of w.
+  g * xhat is taken by warpgroup 0 from the W slices' chunk sums, handed
+  over through shared memory and added in the order of w (row_means).
 
   Refs: x, dy, [dh], [scale], rstd in GMEM, dx and [the d(scale) partials
   (ctas, W, chunk slots * chunk)] in GMEM; then the SMEM buffers x and dy
