@@ -8,8 +8,13 @@ generation: the kernel family with the lowest geometric-mean time over the
 class's shapes among those never slower than XLA on any of them (within
 NOISE), else XLA.
 The backward is chosen from the `step` records (y, dx and d(scale) from one
-jit: what a training step pays), the quantized outputs from the `quant*`
-records (with and without the residual), the forward from `forward`.
+jit: what a training step pays), with each family's own forward swapped for
+the forward the table chose: step(k) - forward(k) + forward(chosen), the
+forward times from the `forward` records (a step record runs each family's
+forward and backward together, and a family with a slow forward would
+otherwise lose a backward it wins). XLA's step is its measured one. The
+quantized outputs from the `quant*` records (with and without the
+residual), the forward from `forward`.
 
   python -m benchmarks.speed_table benchmarks/results/*_NVIDIA_H200.json
 
@@ -61,15 +66,36 @@ def choose(rows: list[dict]) -> tuple[str, dict]:
   return best, evidence
 
 
+def with_forward(step: dict, forward: dict | None, chosen: str) -> dict:
+  """A step row whose kernels' times have their own forward swapped for
+  the `chosen` forward's (times from the `forward` row of the same shape;
+  unchanged where it lacks one)."""
+  row = dict(step)
+  if forward is None or forward.get(f"{chosen}_us") is None:
+    return row
+  for kernel in bench.implementations_of([step]):
+    own = forward.get(f"{kernel}_us")
+    if step.get(f"{kernel}_us") is not None and own is not None:
+      row[f"{kernel}_us"] = step[f"{kernel}_us"] - own + forward[
+          f"{chosen}_us"]
+  return row
+
+
 def table_of(records: list[dict]) -> dict:
   """{op: {shape class: implementation}} and the evidence, from records."""
   entries, evidence = {}, {}
+  forwards = {(r["m"], r["n"], r["dtype"]): r for record in records
+              if record["op"] == "forward" for r in record["rows"]}
   for op, sources in SOURCES.items():
     by_class = collections.defaultdict(list)
     for record in records:
       if record["op"] in sources:
         for row in record["rows"]:
           cls = speed_table.shape_class(row["m"], row["n"], row["dtype"])
+          if op == "backward":
+            key = (row["m"], row["n"], row["dtype"])
+            row = with_forward(row, forwards.get(key),
+                               entries.get("forward", {}).get(cls, "xla"))
           by_class[cls].append(row)
     for cls, rows in sorted(by_class.items()):
       name, why = choose(rows)
