@@ -1,11 +1,13 @@
-"""Launch configuration of the Mosaic GPU kernels and its one heuristic.
+"""Launch configuration of the Mosaic GPU kernels and its heuristics
+(`get_config`, and `backward_slices` for the backward's warpgroups).
 
 Every kernel here is a persistent grid of CTAs of one warpgroup (128
-threads). A CTA walks over blocks of `block_rows` rows: each block is
-copied whole into shared memory by one bulk TMA copy per operand, `stages`
-blocks deep, and the row is read from shared memory in chunks of
-`128 * vec` columns (every thread holds `vec` contiguous elements of each
-row of a chunk). Rows are never split across CTAs.
+threads; the backward's CTAs have 2 or 4 for wide rows, each taking a
+slice of every row's columns). A CTA walks over blocks of `block_rows`
+rows: each block is copied whole into shared memory by one bulk TMA copy
+per operand, `stages` blocks deep, and the row is read from shared memory
+in chunks of `128 * vec` columns (every thread holds `vec` contiguous
+elements of each row of a chunk). Rows are never split across CTAs.
 """
 
 from __future__ import annotations
