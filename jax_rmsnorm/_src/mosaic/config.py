@@ -68,10 +68,11 @@ class Config:
       (it is read once), where shared memory is short.
     warpgroups: warpgroups of a CTA (the backward). With more than one,
       each takes an equal slice of every row's columns, with its own shared
-      memory buffers, copies and d(scale) sums, and they add their slices'
-      row sums through shared memory; a block is then one row. The slices'
-      sums are added in a fixed order: a row's arithmetic depends on
-      warpgroups, which depends on n and the dtypes only.
+      memory buffers, copies and d(scale) sums; warpgroup 0 takes the row
+      sum from the slices' chunk sums, handed over through shared memory
+      and added in a fixed order; a block is then one row. A row's
+      arithmetic depends on warpgroups, which depends on n and the dtypes
+      only.
   """
   vec: int
   block_rows: int
