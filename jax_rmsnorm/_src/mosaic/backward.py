@@ -293,24 +293,22 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
   if scale is not None:
     scale = common.aligned_scale(scale)
   chunk_dtypes = [x.dtype, dy.dtype] + ([dh.dtype] if dh is not None else [])
-  itemsizes = [jnp.dtype(d).itemsize for d in chunk_dtypes + (
-      [] if scale is None else [scale.dtype])]
-  tiles = [x.dtype, dy.dtype]
+  tile_sizes = [x.dtype.itemsize, dy.dtype.itemsize]
+  itemsizes = tile_sizes + [a.dtype.itemsize for a in (dh, scale)
+                            if a is not None]
   multiple = max(mosaic_config.row_multiple(n, jnp.dtype(d).itemsize)
                  for d in chunk_dtypes)
   if config is None:
     # With a scale, the float32 d(scale) sums are read in chunks too.
-    max_itemsize = max(jnp.dtype(d).itemsize for d in chunk_dtypes + (
-        [] if scale is None else [scale.dtype, jnp.float32]))
+    max_itemsize = max(itemsizes + ([4] if scale is not None else []))
     vec = mosaic_config.pick_vec(n, max_itemsize)
-    slices = mosaic_config.backward_slices(
-        n, vec, max(jnp.dtype(d).itemsize for d in tiles), itemsizes)
-    padded = slices * common.Chunks(
-        n // slices, mosaic_config.THREADS * vec).padded_cols
+    chunk_cols = mosaic_config.THREADS * vec
+    slices = mosaic_config.backward_slices(n, vec, max(tile_sizes), itemsizes)
+    padded = slices * common.Chunks(n // slices, chunk_cols).padded_cols
     fixed = (0 if scale is None else 4 * padded) + _slices_bytes(
-        slices, mosaic_config.THREADS * vec)
+        slices, chunk_cols)
     config = mosaic_config.get_config(
-        n, n * sum(jnp.dtype(d).itemsize for d in tiles), max_itemsize, fixed,
+        n, n * sum(tile_sizes), max_itemsize, fixed,
         multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
         0 if dh is None else n * dh.dtype.itemsize,
         device_kind=platform.device_kind())
