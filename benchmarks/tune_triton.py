@@ -119,6 +119,14 @@ QUANT_RESIDUAL_SWEEP = (
     (65536, 896, "bfloat16"), (16384, 8192, "bfloat16"),
     (32768, 4096, "bfloat16"), (4096, 4099, "bfloat16"),
 )
+# The dynamic scale's amax folded into the first reduction or not
+# (`quant_fold_candidates`): the list's large shapes and looped rows.
+QUANT_FOLD_SWEEP = tuple(
+    (m, n, dtype) for dtype in ("bfloat16", "float32")
+    for m, n in ((32768, 4096), (16384, 8192), (32768, 3072), (65536, 896),
+                 (4096, 14336), (8192, 5120), (2048, 4096), (4096, 4099),
+                 (1024, 32768))
+    if (m, n, dtype) != (32768, 3072, "float32"))
 # The forward on a persistent grid (`forward_persistent_candidates`): the
 # shapes of 8M elements or more, where it ran under 97% of the copy ceiling.
 FORWARD_PERSISTENT_SWEEP = (
@@ -137,7 +145,8 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant": QUANT_SWEEP,
           "quant-static": QUANT_STATIC_SWEEP,
           "quant-residual": QUANT_RESIDUAL_SWEEP,
-          "quant-static-residual": QUANT_RESIDUAL_SWEEP}
+          "quant-static-residual": QUANT_RESIDUAL_SWEEP,
+          "quant-fold": QUANT_FOLD_SWEEP}
 
 
 def candidates(n: int):
@@ -227,6 +236,18 @@ def quant_candidates(n: int, dtype: str, residual: bool = False,
     for per_sm, prefetch in itertools.product((2, 4, 8), (True, False)):
       yield dataclasses.replace(base, num_warps=warps, programs_per_sm=per_sm,
                                 prefetch=prefetch, hold_scale=True)
+
+
+def quant_fold_candidates(n: int, dtype: str):
+  """The heuristic's layout with the amax folded into the first reduction
+  and without (Config.fold_amax); folded, on persistent grids of 2 to 16
+  programs an SM where the layout is persistent."""
+  base = triton_config.get_quant_config(1, n, dtype)
+  for fold in (False, True):
+    yield dataclasses.replace(base, fold_amax=fold)
+  if base.programs_per_sm:
+    for per_sm in (2, 4, 8, 16):
+      yield dataclasses.replace(base, fold_amax=True, programs_per_sm=per_sm)
 
 
 def backward_candidates(m: int, n: int, dtype: str):
@@ -332,7 +353,8 @@ def main(argv=None):
     elif args.sweep.startswith("quant"):
       row = _quant_row(m, n, dtype, args.iterations,
                        static="static" in args.sweep,
-                       residual="residual" in args.sweep)
+                       residual="residual" in args.sweep,
+                       fold=args.sweep == "quant-fold")
     else:
       row = _forward_row(m, n, dtype, args.iterations,
                          (compact_candidates if args.sweep == "forward-h200"
@@ -401,10 +423,12 @@ def _forward_row(m, n, dtype, iterations, configs):
       configs, iterations)
 
 
-def _quant_row(m, n, dtype, iterations, static: bool, residual: bool):
+def _quant_row(m, n, dtype, iterations, static: bool, residual: bool,
+               fold: bool = False):
   """The quantized kernel to float8_e4m3fn: dynamic per-token scales, or a
   static scalar scale, with or without the fused residual add (h checked
-  bit for bit); XLA's time is the reference's (its fusion)."""
+  bit for bit); XLA's time is the reference's (its fusion). `fold`: the
+  amax folded or not (`quant_fold_candidates`) instead of the layouts."""
   x, scale = testing.random_inputs(0, (m, n), dtype)
   r = testing.random_inputs(1, (m, n), dtype)[0] if residual else None
   h = None if r is None else np.asarray(reference.residual_add(x, r))
@@ -444,9 +468,9 @@ def _quant_row(m, n, dtype, iterations, static: bool, residual: bool):
   make = lambda cfg: jax.jit(lambda a, s, res: triton_quantize.forward(
       a, res, s, quant_scale, epsilon=1e-6, scale_offset=0.0,
       quant_dtype=bench.QUANT_DTYPE, config=cfg))
-  return _timed_row(row, make, (x, scale, r), check,
-                    dict.fromkeys(quant_candidates(n, dtype, residual,
-                                                   static)),
+  configs = (quant_fold_candidates(n, dtype) if fold
+             else quant_candidates(n, dtype, residual, static))
+  return _timed_row(row, make, (x, scale, r), check, dict.fromkeys(configs),
                     iterations)
 
 

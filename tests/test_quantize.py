@@ -223,6 +223,72 @@ def test_chunked_loop_and_partial_blocks(impl, mode, monkeypatch):
   assert_quantized_close(y_q, s, y64, "int8", relative_error_bound(1000))
 
 
+# The dynamic scale's amax from max |x * scale| and rstd (Config.fold_amax)
+# or reduced over y: (shape, x dtype, residual dtype, quant dtype, extra,
+# config); without a scale, with an offset, with a residual, and rows looped
+# in chunks of 256 (with MAX_ONE_PASS_COLS at 512), a partial last chunk.
+FOLD_CASES = [
+    ((5, 1000), "bfloat16", None, "int8", {"no_scale": True},
+     triton_config.Config(block_rows=1, block_cols=1024, num_warps=4)),
+    ((5, 1000), "float32", None, "float8_e4m3fn",
+     {"scale_offset": 1.0, "epsilon": 1e-2},
+     triton_config.Config(block_rows=2, block_cols=256, num_warps=4)),
+    ((3, 256), "bfloat16", "bfloat16", "float8_e5m2", {},
+     triton_config.Config(block_rows=1, block_cols=256, num_warps=2)),
+    ((7, 1000), "bfloat16", "float32", "int8", {},
+     triton_config.Config(block_rows=2, block_cols=256, num_warps=4,
+                          num_stages=2)),
+]
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
+@pytest.mark.parametrize("case", FOLD_CASES,
+                         ids=["no-scale", "offset", "residual", "looped"])
+def test_amax_folded_or_not(impl, fold, case, monkeypatch):
+  """Both ways of taking a row's amax against the oracle; folded, a NaN
+  row and an Inf row still get scale +inf and leave the others' bits."""
+  shape, dtype, res_dtype, quant_dtype, extra, config = case
+  monkeypatch.setattr(triton_config, "MAX_ONE_PASS_COLS", 512)
+  config = dataclasses.replace(config, fold_amax=fold)
+  extra = dict(extra)
+  x, residual, scale = _inputs(shape, dtype, res_dtype)
+  if extra.pop("no_scale", False):
+    scale = None
+  elif extra.get("scale_offset"):
+    scale = scale - 1.0
+  n = shape[-1]
+  fn = _quantized(impl, quant_dtype=quant_dtype, config=config, **extra)
+  y_q, s, _ = fn(x, residual, scale, None)
+  y64 = oracle_y(x, residual, scale, extra.get("epsilon", EPS),
+                 extra.get("scale_offset", 0.0))
+  assert_scales_close(s, y64, quant_dtype, n)
+  assert_quantized_close(y_q, s, y64, quant_dtype, relative_error_bound(n))
+  bad = x.at[1, 7].set(jnp.nan).at[2, n - 1].set(jnp.inf)
+  dirty = fn(bad, residual, scale, None)
+  good = np.array([0] + list(range(3, shape[0])))
+  for c, d in zip((y_q, s), dirty):
+    np.testing.assert_array_equal(_bits(d)[good], _bits(c)[good])
+  np.testing.assert_array_equal(np.asarray(dirty[1])[[1, 2], 0], np.inf)
+
+
+def test_fold_amax_where_measured():
+  """get_quant_config folds the amax where the H200 sweep measured it
+  faster (triton/config.py, _QUANT_FOLD_AMAX_WIDE_BYTES), never with a
+  static scale or a residual."""
+  folds = lambda n, dtype, **kw: triton_config.get_quant_config(
+      1, n, dtype, **kw).fold_amax
+  for n, dtype in ((4096, "bfloat16"), (8192, "bfloat16"),
+                   (4099, "bfloat16"), (32768, "bfloat16"),
+                   (4096, "float32"), (14336, "float32")):
+    assert folds(n, dtype), (n, dtype)
+    assert not folds(n, dtype, static=True)
+    assert not folds(n, dtype, residual=True)
+  for n, dtype in ((896, "bfloat16"), (3072, "bfloat16"), (5120, "bfloat16"),
+                   (14336, "bfloat16"), (4099, "float32"), (5120, "float32")):
+    assert not folds(n, dtype), (n, dtype)
+
+
 # A persistent grid (each program loops over every grid-th block of rows),
 # with the scale held across the loop and the next rows loaded ahead or not;
 # blocks of 1, 2 and 4 rows, one, two and four chunks a row.

@@ -133,6 +133,18 @@ def abs_nan_as_inf(y: jax.Array) -> jax.Array:
   return jnp.where(y == y, jnp.abs(y), jnp.float32(jnp.inf))
 
 
+def amax_from_scaled(max_scaled: jax.Array, rstd: jax.Array) -> jax.Array:
+  """A row's amax from its rstd and max_scaled = max |x * w| over the row
+  (`abs_nan_as_inf` of x times w = offset + scale, or of x without a
+  scale), which a kernel reduces beside the sum of squares instead of
+  reducing |y| after it: rstd >= 0, so max |x * rstd * w| = rstd *
+  max |x * w| but for roundings (a few ulps, within the scales'
+  tolerance). The default cast order only: "hf" rounds x * rstd before the
+  scale. An Inf or NaN in the row makes the product 0 * inf or NaN: +inf,
+  as the reference's amax. Needs |x * w| finite where y is (|w| < 1e19)."""
+  return abs_nan_as_inf(max_scaled * rstd)
+
+
 def dynamic_scale(amax: jax.Array, quant_dtype) -> jax.Array:
   """Per-row scale from the row's float32 amax (never NaN; >= MIN_SCALE)."""
   top = qmax(quant_dtype)

@@ -55,9 +55,11 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   A block is read from shared memory twice, chunk by chunk: the first pass
   sums the squares (elementwise over the chunks, then one reduction per
   row), the second writes y. With `quant`, y is scaled and saturated into
-  codes (`quantize.saturate`, the cast on the store); a dynamic scale takes
-  a pass between the two for each row's amax. Every read of HBM happens
-  once, by TMA.
+  codes (`quantize.saturate`, the cast on the store); a dynamic scale's
+  amax is max |x * scale| from the first pass times rstd
+  (`quantize.amax_from_scaled`), or, with a residual or in the "hf" cast
+  order, a pass between the two over y. Every read of HBM happens once, by
+  TMA.
   """
   refs = list(refs)
   x_gmem = refs.pop(0)
@@ -124,7 +126,14 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     y_over_x = y_in_place and r_s is None
 
     # Pass 1: the sum of squares of each row (and h, with a residual),
-    # elementwise over the chunks, then one reduction per row.
+    # elementwise over the chunks, then one reduction per row; for a dynamic
+    # quant scale in the default cast order, without a residual, also
+    # max |x * scale|, whose product with rstd is the amax
+    # (quantize.amax_from_scaled; on an H200 bf16 32768 x 4096 took 107.5
+    # us against 124.4 with a pass for the amax, 65536 x 896 64.6 against
+    # 69.2; with a residual 239.4 against 230.9).
+    fold_amax = (quant is not None and not quant.static
+                 and not round_normalized and r_s is None)
     def squares(k, acc):
       v = io.get(x_s, chunks.start(k))
       if r_s is not None:
@@ -138,9 +147,14 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
       sq = v * v
       if chunks.is_tail(k):
         sq = tail_mask(sq)
-      return sq if acc is None else acc + sq
+      if not fold_amax:
+        return sq if acc is None else acc + sq
+      a = quantize.abs_nan_as_inf(v if w_gmem is None else v * scale_of(k))
+      return (sq, a) if acc is None else (acc[0] + sq, jnp.maximum(acc[1], a))
 
     acc = chunks.visit(squares)
+    if fold_amax:
+      acc, max_scaled = acc
     if held:
       common.sync()
       io.put(r_s, chunks.tail_start, held.pop())
@@ -148,6 +162,9 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     rstd = lax.rsqrt(mean_sq + jnp.float32(eps))
     if rstd_gmem is not None and quant is None:
       common.store_rows(rstd_gmem, start, rstd)
+    if fold_amax:
+      row_scale = quantize.dynamic_scale(quantize.amax_from_scaled(
+          jnp.max(max_scaled, axis=1), rstd), quant.dtype)
     if r_s is not None:
       common.sync()  # h, written by every thread, is read back below.
     rstd = by_rows(rstd)
@@ -163,12 +180,13 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
       return y
 
     if quant is not None and not quant.static:
-      # Each row's amax (the tail's repeated columns change no maximum).
-      def amax_of(k, acc):
-        a = quantize.abs_nan_as_inf(normalized(k))
-        return a if acc is None else jnp.maximum(acc, a)
-      row_scale = quantize.dynamic_scale(
-          jnp.max(chunks.visit(amax_of), axis=1), quant.dtype)
+      if not fold_amax:
+        # Each row's amax (the tail's repeated columns change no maximum).
+        def amax_of(k, acc):
+          a = quantize.abs_nan_as_inf(normalized(k))
+          return a if acc is None else jnp.maximum(acc, a)
+        row_scale = quantize.dynamic_scale(
+            jnp.max(chunks.visit(amax_of), axis=1), quant.dtype)
       common.store_rows(rstd_gmem, start, row_scale)
       inv = by_rows(jnp.float32(1) / row_scale)
 

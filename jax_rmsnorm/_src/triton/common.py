@@ -170,23 +170,32 @@ class RowBlock:
                                    interpret=interpret)
     return load_row
 
-  def sum_squares(self, load_row, num_chunks: int, resident: bool):
-    """(the chunks held in registers, or None, and the (rows, block_cols)
-    elementwise sum of squares over the chunks). `resident` (or one chunk):
-    every chunk is loaded once and kept, one pass over HBM; otherwise a loop
-    that the caller's later passes repeat."""
+  def sum_squares(self, load_row, num_chunks: int, resident: bool,
+                  max_of=None):
+    """(the chunks held in registers, or None; the (rows, block_cols)
+    elementwise sum of squares over the chunks; with `max_of`, the
+    elementwise max over the chunks of max_of(k, x), else None).
+    `resident` (or one chunk): every chunk is loaded once and kept, one pass
+    over HBM; otherwise a loop that the caller's later passes repeat."""
+    def fold(k, x, acc):
+      sq, mx = x * x, None if max_of is None else max_of(k, x)
+      if acc is None:
+        return sq, mx
+      return acc[0] + sq, None if mx is None else jnp.maximum(acc[1], mx)
+
     if num_chunks == 1 or resident:
       xs = [load_row(k, write_h=True) for k in range(num_chunks)]
-      sq = xs[0] * xs[0]
-      for x in xs[1:]:
-        sq = sq + x * x
-      return xs, sq
+      acc = None
+      for k, x in enumerate(xs):
+        acc = fold(k, x, acc)
+      return (xs,) + acc
 
     def step(k, acc):
-      x = load_row(k, write_h=True)
-      return acc + x * x
-    return None, jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step,
-                                   jnp.zeros(self.shape, jnp.float32))
+      return fold(k, load_row(k, write_h=True), acc)
+    zeros = jnp.zeros(self.shape, jnp.float32)
+    sq, mx = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step,
+                               (zeros, None if max_of is None else zeros))
+    return None, sq, mx
 
 
 @dataclasses.dataclass(frozen=True)

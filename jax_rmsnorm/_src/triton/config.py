@@ -47,6 +47,11 @@ class Config:
     cache_hints: rows are loaded with L2 priority evict_last and outputs
       stored evict_first (`common.RowBlock`; the forward, where it was
       measured to win: the comments at _FORWARD_CACHE_HINTS).
+    fold_amax: the quantized kernel with a dynamic scale (default cast
+      order) reduces max |x * scale| beside the sum of squares and takes
+      the amax as its product with rstd (`quantize.amax_from_scaled`): no
+      row reduction after rstd, one more accumulator in registers (where
+      measured to win: the comments at _QUANT_FOLD_AMAX_WIDE_BYTES).
   """
   block_rows: int
   block_cols: int
@@ -58,6 +63,7 @@ class Config:
   hold_scale: bool = False
   dscale_by_columns: bool = False
   cache_hints: bool = False
+  fold_amax: bool = False
 
   def __post_init__(self):
     for field in ("block_rows", "block_cols", "num_warps"):
@@ -212,6 +218,21 @@ _QUANT_RESIDUAL_SPREAD_MAX_COLS = 8192
 # tune_triton_quant_wide_h200.json.
 _QUANT_STATIC_WIDE = dict(block_cols=4096, num_warps=16, programs_per_sm=1,
                           prefetch=True, hold_scale=True)
+# A dynamic scale's amax folded into the first reduction (Config.fold_amax),
+# where it won on an H200 (`python -m benchmarks.tune_triton --sweep
+# quant-fold`, tune_triton_quant_fold_h200.json; folded against not, us):
+# rows past 32 KiB padded, float32 4096 x 14336 (135.7 / 174.1) and looped
+# rows (1024 x 32768: bf16 45.7 / 58.0, float32 87.4 / 114.7); one padded
+# row a program (bf16 32768 x 4096 on the persistent grid 105.5 / 106.8,
+# 16384 x 8192 108.6 / 111.2; float32 32768 x 4096 209.2 / 213.0, 16384 x
+# 8192 243.4 / 258.9); bf16 4096 x 4099 on its persistent grid (24.6 /
+# 25.3). It lost where a row is held as chunks of 1024 or halves, or a
+# block holds several rows (bf16 32768 x 3072 89.2 / 86.0, 8192 x 5120 44.5
+# / 36.8, 4096 x 14336 88.8 / 59.7, 65536 x 896 52.0 / 50.0; float32 8192 x
+# 5120 63.8 / 60.7, 4096 x 4099 37.2 / 35.7, 65536 x 896 96.9 / 93.8): the
+# extra accumulator costs registers those layouts were tuned without. With
+# a residual it was within noise either way (untaken).
+_QUANT_FOLD_AMAX_WIDE_BYTES = 32768
 
 
 def get_config(rows: int, n: int, dtype, device_kind: str | None = None,
@@ -287,6 +308,28 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   one block a program, spread over more warps."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
+  config = _quant_layout(n, itemsize, residual=residual, static=static)
+  if not (static or residual) and _quant_folds_amax(config, n, itemsize):
+    config = dataclasses.replace(config, fold_amax=True)
+  return config
+
+
+def _quant_folds_amax(config: Config, n: int, itemsize: int) -> bool:
+  """Whether the dynamic scale's amax is folded into the first reduction
+  (Config.fold_amax) in `config`'s layout: the comments at
+  _QUANT_FOLD_AMAX_WIDE_BYTES."""
+  cols = pl.next_power_of_2(n)
+  if cols * itemsize > _QUANT_FOLD_AMAX_WIDE_BYTES:
+    return True                         # float32 past 8192, looped rows
+  if config.block_rows != 1:
+    return False                        # several rows a block
+  # One padded row a program, or bf16 chunks on the persistent grid (4099).
+  return n == cols or (config.programs_per_sm > 0 and itemsize == 2)
+
+
+def _quant_layout(n: int, itemsize: int, *, residual: bool, static: bool
+                  ) -> Config:
+  """get_quant_config's launch layout."""
   cols = pl.next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS or cols * itemsize > _WARPS_BY_BYTES[-1][0]:
     # Looped, or float32 rows past 8192: the forward's chunked layouts.

@@ -60,7 +60,7 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
                            interpret=interpret)
       block.store(y_ref, k, y, block.masks(k)[0])
 
-    xs, sq = block.sum_squares(load_row, num_chunks, config.resident(n))
+    xs, sq, _ = block.sum_squares(load_row, num_chunks, config.resident(n))
     mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
     rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
     if rstd_ref is not None:  # The same arithmetic, as a vector of rows.

@@ -64,9 +64,14 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
   resident (or one chunk): the row's chunks are loaded once and held in
   registers: x (+ residual) is read once, y_q (+ h) written once. Otherwise
   (rows padded past MAX_ONE_PASS_COLS) loops over the chunks: one pass sums
-  squares (and writes h), a dynamic scale takes a second for the row's amax,
-  the last quantizes; each pass re-reads the inputs and recomputes y with the
-  same arithmetic, so the bits do not depend on the path.
+  squares (and writes h), a dynamic scale takes a second for the row's amax
+  unless config.fold_amax, the last quantizes; each pass re-reads the inputs
+  and recomputes y with the same arithmetic, so the bits do not depend on
+  the path.
+
+  config.fold_amax (a dynamic scale, default cast order): the first pass
+  also reduces max |x * scale|, and the amax is its product with rstd
+  (`quantize.amax_from_scaled`); otherwise the amax is reduced over y.
   """
   refs = list(refs)
   x_ref = refs.pop(0)
@@ -97,6 +102,15 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
     def chunk_amax(y):
       return jnp.max(quantize.abs_nan_as_inf(y), axis=1, keepdims=True)
 
+    def scaled_abs(k, x):
+      """|x * (offset + scale)| of chunk k: reduced beside the squares,
+      it gives the amax without a second reduction after rstd
+      (`quantize.amax_from_scaled`)."""
+      if scale_ref is not None:
+        x = x * (held[k] if held is not None
+                 else block.scale_chunk(scale_ref, k, offset))
+      return quantize.abs_nan_as_inf(x)
+
     def write(k, y):
       mask, col_mask = block.masks(k)
       if static == "channel":
@@ -106,8 +120,13 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
       block.store(q_ref, k, quantize.saturate_cast(y * inv_k, quant_dtype,
                                                    clip=clip), mask)
 
-    # Pass 1: the sum of squares (and h).
-    xs, sq = block.sum_squares(load_row, num_chunks, resident)
+    # Pass 1: the sum of squares (and h), with a dynamic scale in the
+    # default cast order also max |x * scale| (`quantize.amax_from_scaled`).
+    fold_amax = (config.fold_amax and static is None
+                 and round_to is None)
+    xs, sq, max_scaled = block.sum_squares(
+        load_row, num_chunks, resident,
+        max_of=scaled_abs if fold_amax else None)
     mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
     rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
     if xs is not None:
@@ -117,7 +136,10 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
     if static == "scalar":
       inv = plgpu.load(inv_ref)[None, :]           # (1, 1)
     elif static is None:
-      if xs is not None:
+      if fold_amax:
+        amax = quantize.amax_from_scaled(
+            jnp.max(max_scaled, axis=1, keepdims=True), rstd)
+      elif xs is not None:
         amax = chunk_amax(ys[0])
         for y in ys[1:]:
           amax = jnp.maximum(amax, chunk_amax(y))  # never NaN: maxnum is exact
@@ -163,7 +185,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
 
   Returns (y_q, row_scales or None, h or None). Raises NotImplementedError
   where `check_supported` does; rows past MAX_ONE_PASS_COLS are handled in
-  chunks, two (static) or three (dynamic) passes over the inputs.
+  chunks, two passes over the inputs (three for a dynamic scale without
+  config.fold_amax).
   """
   n = x.shape[-1]
   m = x.size // n
