@@ -225,8 +225,9 @@ def test_chunked_loop_and_partial_blocks(impl, mode, monkeypatch):
 
 # The dynamic scale's amax from max |x * scale| and rstd (Config.fold_amax)
 # or reduced over y: (shape, x dtype, residual dtype, quant dtype, extra,
-# config); without a scale, with an offset, with a residual, and rows looped
-# in chunks of 256 (with MAX_ONE_PASS_COLS at 512), a partial last chunk.
+# config); without a scale (one chunk, held), with an offset (looped),
+# with a residual (held), and with a residual looped: rows in chunks of 256
+# past MAX_ONE_PASS_COLS (set to 512), a partial last chunk.
 FOLD_CASES = [
     ((5, 1000), "bfloat16", None, "int8", {"no_scale": True},
      triton_config.Config(block_rows=1, block_cols=1024, num_warps=4)),
