@@ -127,6 +127,15 @@ QUANT_FOLD_SWEEP = tuple(
                  (4096, 14336), (8192, 5120), (2048, 4096), (4096, 4099),
                  (1024, 32768))
     if (m, n, dtype) != (32768, 3072, "float32"))
+# Layouts with the amax folded (`quant_layout_candidates`), where the
+# dynamic kernel ran under 90% of the byte floor: the bf16 rows whose
+# layouts were tuned without the fold, and float32 rows, never put on a
+# persistent grid before.
+QUANT_LAYOUT_SWEEPS = {
+    "bfloat16": ((4096, 14336), (8192, 5120), (32768, 3072), (65536, 896)),
+    "float32": ((32768, 4096), (16384, 8192), (4096, 14336), (65536, 896),
+                (8192, 5120)),
+}
 # The forward on a persistent grid (`forward_persistent_candidates`): the
 # shapes of 8M elements or more, where it ran under 97% of the copy ceiling.
 FORWARD_PERSISTENT_SWEEP = (
@@ -147,6 +156,8 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant-residual": QUANT_RESIDUAL_SWEEP,
           "quant-static-residual": QUANT_RESIDUAL_SWEEP,
           "quant-fold": QUANT_FOLD_SWEEP}
+SWEEPS.update({f"quant-layouts-{dtype}": tuple((m, n, dtype) for m, n in shapes)
+               for dtype, shapes in QUANT_LAYOUT_SWEEPS.items()})
 
 
 def candidates(n: int):
@@ -248,6 +259,35 @@ def quant_fold_candidates(n: int, dtype: str):
   if base.programs_per_sm:
     for per_sm in (2, 4, 8, 16):
       yield dataclasses.replace(base, fold_amax=True, programs_per_sm=per_sm)
+
+
+def quant_layout_candidates(n: int, dtype: str):
+  """The heuristic's choice, then with the amax folded (Config.fold_amax):
+  one row held as chunks of 1024 to its padded width (1 to 8 rows a block
+  up to 1024), at 8 to 64 elements a thread (32 for float32), one
+  block a program or on a persistent grid of 1, 2 or 4 programs an SM
+  loading the next rows ahead with the scale held (at most 64 warps an
+  SM)."""
+  yield triton_config.get_quant_config(1, n, dtype)
+  itemsize = np.dtype(dtype).itemsize
+  cols = pl.next_power_of_2(n)
+  if cols <= 1024:
+    layouts = [(rows, cols) for rows in (1, 2, 4, 8)]
+  else:
+    layouts = [(1, chunk) for chunk in (1024, 2048, 4096, 8192, 16384)
+               if chunk <= cols and chunk * pl.cdiv(n, chunk)
+               <= triton_config.MAX_ONE_PASS_COLS]
+  max_per_thread = 64 // (itemsize // 2)
+  for (rows, chunk), warps in itertools.product(layouts, (2, 4, 8, 16, 32)):
+    per_thread = rows * chunk * pl.cdiv(n, chunk) // (32 * warps)
+    if not 8 <= per_thread <= max_per_thread:
+      continue
+    one = triton_config.Config(rows, chunk, warps, fold_amax=True)
+    yield one
+    for per_sm in (1, 2, 4):
+      if warps * per_sm <= 64:
+        yield dataclasses.replace(one, programs_per_sm=per_sm, prefetch=True,
+                                  hold_scale=True)
 
 
 def backward_candidates(m: int, n: int, dtype: str):
@@ -354,7 +394,11 @@ def main(argv=None):
       row = _quant_row(m, n, dtype, args.iterations,
                        static="static" in args.sweep,
                        residual="residual" in args.sweep,
-                       fold=args.sweep == "quant-fold")
+                       candidates=(
+                           quant_fold_candidates if args.sweep == "quant-fold"
+                           else quant_layout_candidates
+                           if args.sweep.startswith("quant-layouts")
+                           else None))
     else:
       row = _forward_row(m, n, dtype, args.iterations,
                          (compact_candidates if args.sweep == "forward-h200"
@@ -424,11 +468,11 @@ def _forward_row(m, n, dtype, iterations, configs):
 
 
 def _quant_row(m, n, dtype, iterations, static: bool, residual: bool,
-               fold: bool = False):
+               candidates=None):
   """The quantized kernel to float8_e4m3fn: dynamic per-token scales, or a
   static scalar scale, with or without the fused residual add (h checked
-  bit for bit); XLA's time is the reference's (its fusion). `fold`: the
-  amax folded or not (`quant_fold_candidates`) instead of the layouts."""
+  bit for bit); XLA's time is the reference's (its fusion). `candidates`:
+  a generator of (n, dtype) -> Configs instead of `quant_candidates`."""
   x, scale = testing.random_inputs(0, (m, n), dtype)
   r = testing.random_inputs(1, (m, n), dtype)[0] if residual else None
   h = None if r is None else np.asarray(reference.residual_add(x, r))
@@ -468,7 +512,7 @@ def _quant_row(m, n, dtype, iterations, static: bool, residual: bool,
   make = lambda cfg: jax.jit(lambda a, s, res: triton_quantize.forward(
       a, res, s, quant_scale, epsilon=1e-6, scale_offset=0.0,
       quant_dtype=bench.QUANT_DTYPE, config=cfg))
-  configs = (quant_fold_candidates(n, dtype) if fold
+  configs = (candidates(n, dtype) if candidates
              else quant_candidates(n, dtype, residual, static))
   return _timed_row(row, make, (x, scale, r), check, dict.fromkeys(configs),
                     iterations)

@@ -275,18 +275,19 @@ def test_amax_folded_or_not(impl, fold, case, monkeypatch):
 
 def test_fold_amax_where_measured():
   """get_quant_config folds the amax where the H200 sweep measured it
-  faster (triton/config.py, _QUANT_FOLD_AMAX_WIDE_BYTES), never with a
-  static scale or a residual."""
+  faster (triton/config.py, _QUANT_FOLD_AMAX_WIDE_BYTES and
+  _QUANT_DYNAMIC_WIDE), never with a static scale or a residual."""
   folds = lambda n, dtype, **kw: triton_config.get_quant_config(
       1, n, dtype, **kw).fold_amax
   for n, dtype in ((4096, "bfloat16"), (8192, "bfloat16"),
-                   (4099, "bfloat16"), (32768, "bfloat16"),
-                   (4096, "float32"), (14336, "float32")):
+                   (4099, "bfloat16"), (14336, "bfloat16"),
+                   (32768, "bfloat16"), (896, "float32"), (4096, "float32"),
+                   (4099, "float32"), (5120, "float32"), (14336, "float32")):
     assert folds(n, dtype), (n, dtype)
     assert not folds(n, dtype, static=True)
     assert not folds(n, dtype, residual=True)
-  for n, dtype in ((896, "bfloat16"), (3072, "bfloat16"), (5120, "bfloat16"),
-                   (14336, "bfloat16"), (4099, "float32"), (5120, "float32")):
+  for n, dtype in ((896, "bfloat16"), (3072, "bfloat16"),
+                   (5120, "bfloat16")):
     assert not folds(n, dtype), (n, dtype)
 
 

@@ -233,6 +233,32 @@ _QUANT_STATIC_WIDE = dict(block_cols=4096, num_warps=16, programs_per_sm=1,
 # extra accumulator costs registers those layouts were tuned without. With
 # a residual it was within noise either way (untaken).
 _QUANT_FOLD_AMAX_WIDE_BYTES = 32768
+# With the amax folded, wider layouts won where the dynamic kernel still
+# ran under 90% of its byte floor (`python -m benchmarks.tune_triton
+# --sweep quant-layouts-bfloat16` and `quant-layouts-float32`,
+# tune_triton_quant_layouts_*_h200.json; us against the layouts above).
+# bf16 rows past 8192: the two halves on 16 warps, one persistent program
+# an SM loading the next row ahead (4096 x 14336 53.8 against 60.0 on 4
+# warps; the padded row as one block 53.7, chunks of 4096 55.2; in the
+# record 128 x 14336 lost, 3.4 to 3.7, still 1.58x XLA). Float32
+# rows, every one on a persistent grid loading ahead with the scale held
+# (never tried before): rows of up to 1024 as the bf16 short rows, 8 KiB
+# a block, 4 programs an SM (65536 x 896: 79.5 against 94.6); up to 8192
+# as chunks of 1024 on 8 warps, 2 an SM (32768 x 4096: 174.0 against
+# 211.2, 16384 x 8192 177.0 against 246.5, 8192 x 5120 55.1 against 61.7;
+# the best of 40 layouts within 1.5% at each); past 8192 as chunks of 2048
+# on 16 warps, 1 an SM (4096 x 14336: 80.6 against 136.5; in the record,
+# quant_NVIDIA_H200.json, 4096 x 4099, not swept, 35.7 to 30.4). Nothing beat
+# bf16 32768 x 3072 or 65536 x 896 as they were (86.3, 50.6); bf16 8192 x
+# 5120 on 4 programs an SM, folded, ran 36.1 against 37.3 (not taken).
+# Static scales and residuals keep the layouts above (untimed here).
+_QUANT_DYNAMIC_WIDE = dict(block_cols=8192, num_warps=16, programs_per_sm=1,
+                           prefetch=True, hold_scale=True)
+_QUANT_FLOAT32_SHORT_COLS = 1024
+_QUANT_FLOAT32_CHUNKS = ((8192, dict(block_cols=1024, num_warps=8,
+                                     programs_per_sm=2)),
+                         (16384, dict(block_cols=2048, num_warps=16,
+                                      programs_per_sm=1)))
 
 
 def get_config(rows: int, n: int, dtype, device_kind: str | None = None,
@@ -301,15 +327,20 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   its scale, does not depend on the batch). Its table is its own: with
   1-byte outputs and a second row reduction (the amax), fewer warps holding
   more of a row each won (the comments at _QUANT_SHORT_ROW_BYTES). Without
-  a residual, rows held as one block, bf16 rows that do not start on 16
-  bytes and, with a `static` scale, bf16 rows past 8192 run on a
-  persistent grid (`_quant_persistent`, _QUANT_STATIC_WIDE; the grid
-  changes no row's arithmetic); with a `residual` (a fused add) rows run
-  one block a program, spread over more warps."""
+  a residual, bf16 rows held as one block, bf16 rows that do not start on
+  16 bytes, bf16 rows past 8192 and, with a dynamic scale, every float32
+  row held in registers run on a persistent grid (`_quant_persistent`,
+  _QUANT_STATIC_WIDE, _QUANT_DYNAMIC_WIDE, `_quant_float32_dynamic`; the
+  grid changes no row's arithmetic); with a `residual` (a fused add) rows
+  run one block a program, spread over more warps."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
-  config = _quant_layout(n, itemsize, residual=residual, static=static)
-  if not (static or residual) and _quant_folds_amax(config, n, itemsize):
+  dynamic = not (static or residual)
+  if dynamic and itemsize == 4 and n <= MAX_ONE_PASS_COLS:
+    config = _quant_float32_dynamic(n)
+  else:
+    config = _quant_layout(n, itemsize, residual=residual, static=static)
+  if dynamic and _quant_folds_amax(config, n, itemsize):
     config = dataclasses.replace(config, fold_amax=True)
   return config
 
@@ -317,19 +348,43 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
 def _quant_folds_amax(config: Config, n: int, itemsize: int) -> bool:
   """Whether the dynamic scale's amax is folded into the first reduction
   (Config.fold_amax) in `config`'s layout: the comments at
-  _QUANT_FOLD_AMAX_WIDE_BYTES."""
+  _QUANT_FOLD_AMAX_WIDE_BYTES and _QUANT_DYNAMIC_WIDE."""
   cols = pl.next_power_of_2(n)
-  if cols * itemsize > _QUANT_FOLD_AMAX_WIDE_BYTES:
-    return True                         # float32 past 8192, looped rows
+  if itemsize == 4 or cols * itemsize > _QUANT_FOLD_AMAX_WIDE_BYTES:
+    return True                         # float32 rows, looped rows
   if config.block_rows != 1:
     return False                        # several rows a block
-  # One padded row a program, or bf16 chunks on the persistent grid (4099).
-  return n == cols or (config.programs_per_sm > 0 and itemsize == 2)
+  # One padded row a program, or bf16 chunks on the persistent grid (4099,
+  # rows past 8192).
+  return n == cols or config.programs_per_sm > 0
+
+
+def _quant_float32_dynamic(n: int) -> Config:
+  """get_quant_config's layout for float32 rows held in registers with a
+  dynamic scale and no residual: on persistent grids loading the next rows
+  ahead with the scale held (the comments at _QUANT_DYNAMIC_WIDE)."""
+  cols = pl.next_power_of_2(n)
+  if cols <= _QUANT_FLOAT32_SHORT_COLS:
+    layout = dataclasses.replace(_quant_short_rows(cols, 4),
+                                 programs_per_sm=_QUANT_PROGRAMS_PER_SM)
+  else:
+    layout = Config(block_rows=1, **next(
+        chunks for limit, chunks in _QUANT_FLOAT32_CHUNKS if cols <= limit))
+  return dataclasses.replace(layout, prefetch=True, hold_scale=True)
+
+
+def _quant_short_rows(cols: int, itemsize: int) -> Config:
+  """Rows of `cols` (padded) as blocks of _QUANT_SHORT_BLOCK_BYTES, 16
+  elements a thread."""
+  block_rows = _QUANT_SHORT_BLOCK_BYTES // (cols * itemsize)
+  return Config(block_rows=block_rows, block_cols=cols,
+                num_warps=max(1, block_rows * cols // (32 * 16)))
 
 
 def _quant_layout(n: int, itemsize: int, *, residual: bool, static: bool
                   ) -> Config:
-  """get_quant_config's launch layout."""
+  """get_quant_config's launch layout (but float32 rows with a dynamic
+  scale and no residual: `_quant_float32_dynamic`)."""
   cols = pl.next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS or cols * itemsize > _WARPS_BY_BYTES[-1][0]:
     # Looped, or float32 rows past 8192: the forward's chunked layouts.
@@ -337,10 +392,7 @@ def _quant_layout(n: int, itemsize: int, *, residual: bool, static: bool
   persistent = functools.partial(_quant_persistent, itemsize=itemsize,
                                  residual=residual)
   if cols * itemsize <= _QUANT_SHORT_ROW_BYTES:
-    block_rows = _QUANT_SHORT_BLOCK_BYTES // (cols * itemsize)
-    return persistent(
-        Config(block_rows=block_rows, block_cols=cols,
-               num_warps=max(1, block_rows * cols // (32 * 16))))
+    return persistent(_quant_short_rows(cols, itemsize))
   one_block = Config(block_rows=1, block_cols=cols,
                      num_warps=max(4, cols * itemsize // 2048))
   if n == cols:
@@ -352,8 +404,9 @@ def _quant_layout(n: int, itemsize: int, *, residual: bool, static: bool
   if n < 8192 and (n % 1024 == 0 or (itemsize == 2 and n % 8 == 0)):
     chunk = 1024
   elif n > 8192:
-    if static and not residual and itemsize == 2:
-      return Config(block_rows=1, **_QUANT_STATIC_WIDE)
+    if not residual and itemsize == 2:
+      return Config(block_rows=1, **(_QUANT_STATIC_WIDE if static
+                                     else _QUANT_DYNAMIC_WIDE))
     chunk = cols // 2
   else:
     chunk, quarters = cols // 4, True
