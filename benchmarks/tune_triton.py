@@ -146,6 +146,14 @@ FORWARD_PERSISTENT_SWEEP = (
     (16384, 8192, "float32"), (4096, 14336, "float32"),
     (8192, 5120, "float32"), (32768, 3072, "bfloat16"),
 )
+# The forward's layouts (`forward_layout_candidates`) on the shapes of 8M
+# elements or more that ran under 97% of the copy ceiling.
+FORWARD_LAYOUTS_SWEEP = (
+    (4096, 14336, "bfloat16"), (65536, 896, "bfloat16"),
+    (8192, 5120, "bfloat16"), (16384, 8192, "float32"),
+    (8192, 5120, "float32"), (4096, 4099, "float32"),
+    (4096, 4099, "bfloat16"),
+)
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP,
           "backward-registers": BACKWARD_REGISTERS_SWEEP,
@@ -156,6 +164,7 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant-residual": QUANT_RESIDUAL_SWEEP,
           "quant-static-residual": QUANT_RESIDUAL_SWEEP,
           "quant-fold": QUANT_FOLD_SWEEP}
+SWEEPS["forward-layouts"] = FORWARD_LAYOUTS_SWEEP
 SWEEPS.update({f"quant-layouts-{dtype}": tuple((m, n, dtype) for m, n in shapes)
                for dtype, shapes in QUANT_LAYOUT_SWEEPS.items()})
 
@@ -261,14 +270,12 @@ def quant_fold_candidates(n: int, dtype: str):
       yield dataclasses.replace(base, fold_amax=True, programs_per_sm=per_sm)
 
 
-def quant_layout_candidates(n: int, dtype: str):
-  """The heuristic's choice, then with the amax folded (Config.fold_amax):
-  one row held as chunks of 1024 to its padded width (1 to 8 rows a block
-  up to 1024), at 8 to 64 elements a thread (32 for float32), one
+def layout_candidates(n: int, dtype: str, **fields):
+  """Rows held as chunks of 1024 to their padded width (1 to 8 rows a
+  block up to 1024), at 8 to 64 elements a thread (32 for float32), one
   block a program or on a persistent grid of 1, 2 or 4 programs an SM
   loading the next rows ahead with the scale held (at most 64 warps an
-  SM)."""
-  yield triton_config.get_quant_config(1, n, dtype)
+  SM); `fields` set on every one."""
   itemsize = np.dtype(dtype).itemsize
   cols = pl.next_power_of_2(n)
   if cols <= 1024:
@@ -282,12 +289,26 @@ def quant_layout_candidates(n: int, dtype: str):
     per_thread = rows * chunk * pl.cdiv(n, chunk) // (32 * warps)
     if not 8 <= per_thread <= max_per_thread:
       continue
-    one = triton_config.Config(rows, chunk, warps, fold_amax=True)
+    one = triton_config.Config(rows, chunk, warps, **fields)
     yield one
     for per_sm in (1, 2, 4):
       if warps * per_sm <= 64:
         yield dataclasses.replace(one, programs_per_sm=per_sm, prefetch=True,
                                   hold_scale=True)
+
+
+def quant_layout_candidates(n: int, dtype: str):
+  """The heuristic's choice, then `layout_candidates` with the amax folded
+  (Config.fold_amax)."""
+  yield triton_config.get_quant_config(1, n, dtype)
+  yield from layout_candidates(n, dtype, fold_amax=True)
+
+
+def forward_layout_candidates(n: int, dtype: str):
+  """The heuristic's choice, then `layout_candidates` with the forward's
+  cache hints."""
+  yield triton_config.get_config(1, n, dtype)
+  yield from layout_candidates(n, dtype, cache_hints=True)
 
 
 def backward_candidates(m: int, n: int, dtype: str):
@@ -386,6 +407,9 @@ def main(argv=None):
     elif args.sweep == "backward-registers":
       row = _backward_row(m, n, dtype, args.iterations,
                           backward_register_candidates)
+    elif args.sweep == "forward-layouts":
+      row = _forward_row(m, n, dtype, args.iterations,
+                         dict.fromkeys(forward_layout_candidates(n, dtype)))
     elif args.sweep == "forward-persistent":
       row = _forward_row(m, n, dtype, args.iterations,
                          dict.fromkeys(

@@ -161,6 +161,15 @@ _PERSISTENT_WIDE_CHUNK_BYTES = 8192
 # benchmarks' copy ceiling includes that copy. The backward (within +-2%
 # either way, 14336 slower) and the quantized kernel (no change) keep none.
 _FORWARD_CACHE_HINTS = True
+# A later sweep of 38 to 55 layouts at each shape of 8M+ elements under 97%
+# of the copy ceiling (`python -m benchmarks.tune_triton --sweep
+# forward-layouts`, tune_triton_forward_layouts_h200.json) changed nothing
+# here: bf16 65536 x 896 ran 56.8 us two rows a block on 4 warps against
+# 58.7 in the sweep, but 58.2 in a full record run with that layout
+# against 58.1 before; 4096 x 14336, 8192 x 5120 and float32 16384 x 8192
+# and 8192 x 5120 within 1%; the unaligned 4096 x 4099 3-5% faster as
+# halves on twice the warps, 2 programs an SM (bf16 23.8 -> 23.1, float32
+# 40.0 -> 38.3), which lost 10% at 8192 x 5120 (not taken).
 
 # The quantized kernel, tuned on an H200 (`python -m benchmarks.tune_triton
 # --sweep quant` and `--sweep quant-static`; benchmarks/results/
