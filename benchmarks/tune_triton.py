@@ -146,6 +146,14 @@ FORWARD_PERSISTENT_SWEEP = (
     (16384, 8192, "float32"), (4096, 14336, "float32"),
     (8192, 5120, "float32"), (32768, 3072, "bfloat16"),
 )
+# The quantized kernel's persistent grids holding the scale in registers
+# across their loop or re-reading it each step (`quant_held_candidates`).
+QUANT_HELD_SWEEP = (
+    (4096, 4099, "bfloat16"), (32768, 4096, "bfloat16"),
+    (16384, 8192, "bfloat16"), (65536, 896, "bfloat16"),
+    (4096, 14336, "bfloat16"), (32768, 4096, "float32"),
+    (4096, 14336, "float32"),
+)
 # The forward's layouts (`forward_layout_candidates`) on the shapes of 8M
 # elements or more that ran under 97% of the copy ceiling.
 FORWARD_LAYOUTS_SWEEP = (
@@ -165,6 +173,8 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant-static-residual": QUANT_RESIDUAL_SWEEP,
           "quant-fold": QUANT_FOLD_SWEEP}
 SWEEPS["forward-layouts"] = FORWARD_LAYOUTS_SWEEP
+SWEEPS["quant-held"] = QUANT_HELD_SWEEP
+SWEEPS["quant-static-held"] = QUANT_HELD_SWEEP[:5]
 SWEEPS.update({f"quant-layouts-{dtype}": tuple((m, n, dtype) for m, n in shapes)
                for dtype, shapes in QUANT_LAYOUT_SWEEPS.items()})
 
@@ -297,6 +307,18 @@ def layout_candidates(n: int, dtype: str, **fields):
                                   hold_scale=True)
 
 
+def quant_held_candidates(n: int, dtype: str, static: bool = False):
+  """The heuristic's choice and, where it is persistent, the same with the
+  scale re-read each step rather than held (Config.hold_scale), on 2, 4
+  and 8 programs an SM."""
+  base = triton_config.get_quant_config(1, n, dtype, static=static)
+  yield base
+  if not base.programs_per_sm:
+    return
+  for per_sm in dict.fromkeys((base.programs_per_sm, 2, 4, 8)):
+    yield dataclasses.replace(base, programs_per_sm=per_sm, hold_scale=False)
+
+
 def quant_layout_candidates(n: int, dtype: str):
   """The heuristic's choice, then `layout_candidates` with the amax folded
   (Config.fold_amax)."""
@@ -422,6 +444,10 @@ def main(argv=None):
                            quant_fold_candidates if args.sweep == "quant-fold"
                            else quant_layout_candidates
                            if args.sweep.startswith("quant-layouts")
+                           else functools.partial(
+                               quant_held_candidates,
+                               static="static" in args.sweep)
+                           if args.sweep.endswith("held")
                            else None))
     else:
       row = _forward_row(m, n, dtype, args.iterations,

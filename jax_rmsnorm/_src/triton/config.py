@@ -195,6 +195,12 @@ _QUANT_SHORT_BLOCK_BYTES = 8192
 # 50.3). Rows held as several chunks gained nothing or lost (32768 x 3072
 # static: 82.0 against 78.5; 4096 x 14336: 85.8 against 59.3, loading ahead
 # doubles the registers of 128 elements a thread); float32 is untried.
+# Holding the scale in registers across the loop won at every persistent
+# shape tried against re-reading it each step on 2 to 8 programs an SM
+# (`python -m benchmarks.tune_triton --sweep quant-held` and
+# quant-static-held, tune_triton_quant*_held_h200.json): the re-read ran
+# 7% to 82% slower (dynamic bf16 4096 x 4099 31.4 us against 24.7, 4096 x
+# 14336 99.3 against 54.4; float32 32768 x 4096 187.0 against 174.1).
 _QUANT_PERSISTENT_MAX_PER_THREAD = 32
 _QUANT_PROGRAMS_PER_SM = 4
 # Other widths below 8192 (`python -m benchmarks.unaligned_rows`,
