@@ -171,12 +171,12 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant-static": QUANT_STATIC_SWEEP,
           "quant-residual": QUANT_RESIDUAL_SWEEP,
           "quant-static-residual": QUANT_RESIDUAL_SWEEP,
-          "quant-fold": QUANT_FOLD_SWEEP}
-SWEEPS["forward-layouts"] = FORWARD_LAYOUTS_SWEEP
-SWEEPS["quant-held"] = QUANT_HELD_SWEEP
-SWEEPS["quant-static-held"] = QUANT_HELD_SWEEP[:5]
-SWEEPS.update({f"quant-layouts-{dtype}": tuple((m, n, dtype) for m, n in shapes)
-               for dtype, shapes in QUANT_LAYOUT_SWEEPS.items()})
+          "quant-fold": QUANT_FOLD_SWEEP,
+          "forward-layouts": FORWARD_LAYOUTS_SWEEP,
+          "quant-held": QUANT_HELD_SWEEP,
+          "quant-static-held": QUANT_HELD_SWEEP[:5],   # bf16 rows
+          **{f"quant-layouts-{dtype}": tuple((m, n, dtype) for m, n in shapes)
+             for dtype, shapes in QUANT_LAYOUT_SWEEPS.items()}}
 
 
 def candidates(n: int):
@@ -333,6 +333,17 @@ def forward_layout_candidates(n: int, dtype: str):
   yield from layout_candidates(n, dtype, cache_hints=True)
 
 
+# The quantized sweeps whose candidates are not `quant_candidates`.
+QUANT_CANDIDATES = {
+    "quant-fold": quant_fold_candidates,
+    "quant-held": quant_held_candidates,
+    "quant-static-held": functools.partial(quant_held_candidates,
+                                           static=True),
+    **{f"quant-layouts-{dtype}": quant_layout_candidates
+       for dtype in QUANT_LAYOUT_SWEEPS},
+}
+
+
 def backward_candidates(m: int, n: int, dtype: str):
   base = triton_config.get_backward_config(m, n, dtype)
   cols = pl.next_power_of_2(n)
@@ -440,15 +451,7 @@ def main(argv=None):
       row = _quant_row(m, n, dtype, args.iterations,
                        static="static" in args.sweep,
                        residual="residual" in args.sweep,
-                       candidates=(
-                           quant_fold_candidates if args.sweep == "quant-fold"
-                           else quant_layout_candidates
-                           if args.sweep.startswith("quant-layouts")
-                           else functools.partial(
-                               quant_held_candidates,
-                               static="static" in args.sweep)
-                           if args.sweep.endswith("held")
-                           else None))
+                       candidates=QUANT_CANDIDATES.get(args.sweep))
     else:
       row = _forward_row(m, n, dtype, args.iterations,
                          (compact_candidates if args.sweep == "forward-h200"
