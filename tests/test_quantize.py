@@ -239,13 +239,19 @@ FOLD_CASES = [
     ((7, 1000), "bfloat16", "float32", "int8", {},
      triton_config.Config(block_rows=2, block_cols=256, num_warps=4,
                           num_stages=2)),
+    # The float32 layouts' kind: chunks held on a persistent grid loading
+    # the next row ahead with the scale held (several steps a program).
+    ((11, 500), "float32", None, "float8_e4m3fn", {},
+     triton_config.Config(block_rows=1, block_cols=128, num_warps=4,
+                          programs_per_sm=1, prefetch=True, hold_scale=True)),
 ]
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
 @pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
 @pytest.mark.parametrize("case", FOLD_CASES,
-                         ids=["no-scale", "offset", "residual", "looped"])
+                         ids=["no-scale", "offset", "residual", "looped",
+                              "persistent"])
 def test_amax_folded_or_not(impl, fold, case, monkeypatch):
   """Both ways of taking a row's amax against the oracle; folded, a NaN
   row and an Inf row still get scale +inf and leave the others' bits."""
