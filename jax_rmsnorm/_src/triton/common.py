@@ -125,6 +125,14 @@ class RowBlock:
     w = self.load(scale_ref, k, self.masks(k)[1]).astype(jnp.float32)
     return (jnp.float32(offset) + w)[None, :]
 
+  def scaled(self, k, v, *, scale_ref, held, offset: float):
+    """v of chunk k times the scale's chunk plus offset (`held[k]`, or
+    loaded here); v itself without a scale."""
+    if scale_ref is None:
+      return v
+    return v * (held[k] if held is not None
+                else self.scale_chunk(scale_ref, k, offset))
+
   def normalized(self, k, x, rstd, *, round_to, scale_ref, held,
                  offset: float, interpret: bool):
     """y of chunk k, float32, as reference.forward computes it: x * rstd,
@@ -133,10 +141,7 @@ class RowBlock:
     y = x * rstd
     if round_to is not None:
       y = round_trip(y, round_to, interpret)
-    if scale_ref is not None:
-      y = y * (held[k] if held is not None
-               else self.scale_chunk(scale_ref, k, offset))
-    return y
+    return self.scaled(k, y, scale_ref=scale_ref, held=held, offset=offset)
 
   def load_input(self, k, x_ref, r_ref):
     """Chunk k of x (and of the residual, else None), in their dtypes."""

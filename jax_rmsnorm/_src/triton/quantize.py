@@ -106,10 +106,8 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
       """|x * (offset + scale)| of chunk k: reduced beside the squares,
       it gives the amax without a second reduction after rstd
       (`quantize.amax_from_scaled`)."""
-      if scale_ref is not None:
-        x = x * (held[k] if held is not None
-                 else block.scale_chunk(scale_ref, k, offset))
-      return quantize.abs_nan_as_inf(x)
+      return quantize.abs_nan_as_inf(block.scaled(
+          k, x, scale_ref=scale_ref, held=held, offset=offset))
 
     def write(k, y):
       mask, col_mask = block.masks(k)
