@@ -227,8 +227,9 @@ BACKWARD_CASES = [
     ((1, 8192), "bfloat16", "bfloat16", False, "bfloat16", 0.0, "hf"),
     ((6, 2048), "bfloat16", "float32", False, "bfloat16", 0.0, "float32"),
     # Rows split between warpgroups (mosaic_config.backward_slices): two
-    # slices with a tail chunk each, and dh; four; four in one stage, then
-    # with x's buffer released early (Config.early_x), tail chunks and dh.
+    # slices with a tail chunk each, and dh; four (the float32 scale held in
+    # registers); four in one stage (the scale in shared memory), and held
+    # in registers again, with tail chunks and dh.
     ((3, 5248), "bfloat16", "bfloat16", True, "float32", 0.0, "hf"),
     ((2, 14336), "bfloat16", "bfloat16", False, "float32", 0.0, "float32"),
     ((2, 12288), "float32", "float32", True, "float32", 1.0, "float32"),
@@ -384,16 +385,17 @@ def test_config_is_a_function_of_the_row():
   assert slices(8200, row_itemsize=2, itemsizes=[2, 2]) == 1  # no 128 B
   with pytest.raises(ValueError, match="one row"):
     mosaic_config.Config(vec=4, block_rows=2, stages=1, warpgroups=2)
-  # x's buffer released early in one stage, past 12288 (measured), where
-  # x's and dy's dtypes are one and a slice's chunks fit in registers.
-  one = mosaic_config.Config(vec=4, block_rows=1, stages=1, warpgroups=4)
-  early = mosaic_config.backward_early_x
-  assert early(one, 14336, 7, True) and early(one, 13312, 7, True)
-  assert not early(one, 12288, 6, True)
-  assert not early(one, 14336, 7, False)
-  assert not early(dataclasses.replace(one, stages=2), 14336, 7, True)
-  with pytest.raises(ValueError, match="one stage"):
-    mosaic_config.Config(vec=4, block_rows=1, stages=2, early_x=True)
+  # The scale held in registers where rows are split between warpgroups
+  # and it is not in shared memory (and a slice's chunks are unrolled).
+  split = mosaic_config.Config(vec=4, block_rows=1, stages=2, warpgroups=4,
+                               scale_in_smem=False)
+  held = mosaic_config.backward_scale_in_registers
+  assert held(split, 7, 4)
+  assert not held(split, 7, 0)  # no scale
+  assert not held(split, 7, 2)  # a bf16 scale (measured to lose)
+  assert not held(split, 9, 4)  # chunks in a loop
+  assert not held(dataclasses.replace(split, scale_in_smem=True), 7, 4)
+  assert not held(dataclasses.replace(split, warpgroups=1), 7, 4)
 
 
 # ---------------------------------------------------------------------------

@@ -46,10 +46,10 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   n / W) (when config.scale_in_smem)], [d(scale) sums (W, chunk slots *
   chunk) float32], [for W > 1: the slices' chunk sums (2, W, chunk) and
   row totals (2,) float32, and two pairs of barriers: sums ready, total
-  done], the load barriers (W * stages), [the scale's barriers (W)] and
-  [with config.early_x, x's barriers (W)]. dx is written over x's buffer,
-  or with config.early_x over dy's (x's then takes the next block while
-  this one is computed, its xhat held in registers).
+  done], the load barriers (W * stages) and [the scale's barriers (W)]. dx
+  is written over x's buffer. With config.scale_in_registers, the
+  warpgroup's chunks of the scale are read from GMEM once, before its
+  first row, and held.
 
   With xhat = x * rstd and g = dy * (offset + scale):
 
@@ -80,7 +80,6 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     sums_ready, sums_done = refs.pop(0), refs.pop(0)
   barrier = refs.pop(0)
   w_barrier = refs.pop(0) if w_smem is not None else None
-  x_barrier = refs.pop(0) if config.early_x else None
   assert not refs, refs
 
   wg = lax.axis_index("wg") if slices > 1 else 0
@@ -179,10 +178,8 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     for k in range(chunks.count + chunks.has_tail):
       slot_of(k)[...] = zeros
 
-  def compute(step, slot, start, release=None):
+  def compute(step, slot, start):
     x_s, dy_s = x_smem.at[slot], dy_smem.at[slot]
-    out_s = dy_s if config.early_x else x_s
-    xhats = {}  # With config.early_x: chunk -> its xhat, held for pass 2.
     rstd = broadcast_rows(common.load_rows(rstd_gmem, start, rows,
                                            common.row_layout(vec), interpret))
     keep_row = None
@@ -193,13 +190,9 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
       keep_row = row >= blocks.first_new_row(cta, step)
 
     def terms(k):
-      if config.early_x and k in xhats:  # k is an int (unrolled chunks).
-        xhat = xhats[k]
-      else:
-        xhat = io.get(x_s, chunks.start(k)) * rstd
-        if config.early_x:
-          xhats[k] = xhat
+      x = io.get(x_s, chunks.start(k))
       dy = io.get(dy_s, chunks.start(k))
+      xhat = x * rstd
       g = dy if w_gmem is None else dy * scale_of(k)
       return xhat, dy, g
 
@@ -220,11 +213,9 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
       return prod if acc is None else acc + prod
 
     acc = chunks.visit(products)
-    if release is not None:
-      release()  # x's buffer takes the next block.
     mean_gx = row_means(acc, step)
 
-    # Pass 2: dx, written over x (with config.early_x, over dy).
+    # Pass 2: dx, written over x.
     held = []
 
     def gradient(k, carry):
@@ -240,32 +231,25 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
         held.append(dx)
         common.sync()  # Read before the chunk it overlaps is overwritten.
       else:
-        io.put(out_s, chunks.start(k), dx)
+        io.put(x_s, chunks.start(k), dx)
       return carry
 
     chunks.visit(gradient, ())
     if held:
       common.sync()  # Every thread read the chunk the tail overlaps.
-      io.put(out_s, chunks.tail_start, held.pop())
-
-  def load_x(step, start):
-    del step
-    common.copy_in(x_gmem.at[gmem_rows(start)], x_smem.at[0],
-                   x_barrier.at[wg])
+      io.put(x_s, chunks.tail_start, held.pop())
 
   def load_block(step, slot, start):
     del step
     block, arrive = gmem_rows(start), barrier.at[first_barrier + slot]
-    if not config.early_x:
-      common.copy_in(x_gmem.at[block], x_smem.at[slot], arrive)
+    common.copy_in(x_gmem.at[block], x_smem.at[slot], arrive)
     common.copy_in(dy_gmem.at[block], dy_smem.at[slot], arrive)
     if dh_smem is not None:
       common.copy_in(dh_gmem.at[block], dh_smem.at[slot], arrive)
 
   def store_block(step, slot, start):
     del step
-    out_smem = dy_smem if config.early_x else x_smem
-    common.store_out(out_smem.at[slot], dx_gmem.at[gmem_rows(start)],
+    common.store_out(x_smem.at[slot], dx_gmem.at[gmem_rows(start)],
                      last=True)
 
   if w_smem is not None:
@@ -279,8 +263,7 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
       blocks, cta, config.stages, barrier, load=load_block, compute=compute,
       store=store_block, first_barrier=first_barrier,
       before_loop=(None if w_smem is None
-                   else lambda: plgpu.barrier_wait(w_barrier.at[wg])),
-      early=None if x_barrier is None else (load_x, x_barrier.at[wg]))
+                   else lambda: plgpu.barrier_wait(w_barrier.at[wg])))
   if dw_smem is not None:
     common.sync()
     common.store_out(dw_smem, dw_gmem.at[cta, wg], last=True)
@@ -346,10 +329,10 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
         device_kind=platform.device_kind())
     if slices > 1:
       config = dataclasses.replace(config, block_rows=1, warpgroups=slices)
-    held = common.Chunks(n // slices, chunk_cols)
-    early_x = mosaic_config.backward_early_x(
-        config, n, held.count + held.has_tail, x.dtype == dy.dtype)
-    config = dataclasses.replace(config, early_x=early_x)
+    held = mosaic_config.backward_scale_in_registers(
+        config, common.Chunks(n // slices, chunk_cols).count,
+        0 if scale is None else scale.dtype.itemsize)
+    config = dataclasses.replace(config, scale_in_registers=held)
   slices = config.warpgroups
   if slices > 1:
     mosaic_config.check_slices(n, slices, config.chunk_cols, itemsizes)
@@ -389,11 +372,8 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
                 common.scratch((2,), jnp.float32),
                 common.barriers(2, slices - 1), common.barriers(2, 1)]
   scratch.append(common.barriers(
-      slices * config.stages,
-      2 - config.early_x + (dh is not None and config.dh_in_smem)))
+      slices * config.stages, 2 + (dh is not None and config.dh_in_smem)))
   if scale is not None and config.scale_in_smem:
-    scratch.append(common.barriers(slices, 1))
-  if config.early_x:
     scratch.append(common.barriers(slices, 1))
   kernel = functools.partial(
       _backward_kernel, m=m, n=n, config=config, ctas=ctas,

@@ -348,9 +348,7 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
              compute: Callable[[Any, Any, Any], None],
              store: Callable[[Any, Any, Any], None],
              before_loop: Callable[[], None] | None = None,
-             first_barrier: Any = 0,
-             early: tuple[Callable[[Any, Any], None], Any] | None = None
-             ) -> None:
+             first_barrier: Any = 0) -> None:
   """Runs this CTA's blocks through `stages` shared memory buffers.
 
   load(step, slot, start) issues the TMA copies of a block into buffer
@@ -369,31 +367,17 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
   (waits for operands loaded once per CTA). Buffer `slot` arrives on
   barrier.at[first_barrier + slot] (a warpgroup's own barriers, where
   several split a row).
-
-  early = (load_early(step, start), its barrier), with one stage: a part
-  of the block's operands lives in its own buffer, which compute frees as
-  soon as it has read it for the last time, by calling its keyword
-  argument release(); the next block's part is loaded then, while this
-  block is still computed (the rest, as with one stage, once the stores
-  have read their buffer).
   """
   ahead = max(stages - 1, 1)
-  if early is not None and stages != 1:
-    raise ValueError(f"an early part needs one stage, not {stages}")
 
-  def issue(step, load=load):
+  def issue(step):
     slot = step % stages
 
     @pl.when(blocks.valid(cta, step))
     def _():
       load(step, slot, blocks.start(cta, step))
 
-  def issue_early(step):
-    issue(step, lambda step, slot, start: early[0](step, start))
-
   for step in range(min(ahead, blocks.steps)):
-    if early is not None:
-      issue_early(step)
     issue(step)
   if before_loop is not None:
     before_loop()
@@ -408,16 +392,7 @@ def pipeline(blocks: Blocks, cta, stages: int, barrier, *,
       if stages == 2:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         issue(step + 1)
-      if early is None:
-        compute(step, slot, start)
-      else:
-        plgpu.barrier_wait(early[1])
-
-        def release():
-          sync()  # Every thread has read the early part.
-          issue_early(step + 1)
-
-        compute(step, slot, start, release=release)
+      compute(step, slot, start)
       sync()  # The results in shared memory are visible to the TMA unit.
       store(step, slot, start)
       if stages != 2:

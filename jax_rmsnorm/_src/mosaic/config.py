@@ -73,15 +73,10 @@ class Config:
       and added in a fixed order; a block is then one row. A row's
       arithmetic depends on warpgroups, which depends on n and the dtypes
       only.
-    early_x: the backward, with one stage, holds a block's x (as xhat) in
-      registers once its first pass has read it, loads the next block's x
-      into the freed buffer at once, and writes dx over dy's buffer (the
-      next dy is loaded once the stores have read it): the next block
-      arrives in part while this one is computed (`backward_early_x`).
     scale_in_registers: the backward, where the scale is not in shared
       memory and a row slice's chunks are unrolled (warpgroups > 1), loads
       its chunks of the scale from GMEM once and holds them in registers
-      across its rows.
+      across its rows (`backward_scale_in_registers`).
   """
   vec: int
   block_rows: int
@@ -90,7 +85,6 @@ class Config:
   scale_in_smem: bool = True
   dh_in_smem: bool = True
   warpgroups: int = 1
-  early_x: bool = False
   scale_in_registers: bool = False
 
   def __post_init__(self):
@@ -101,9 +95,6 @@ class Config:
     if self.warpgroups > 1 and self.block_rows != 1:
       raise ValueError("Config.warpgroups > 1 splits one row a block, got "
                        f"block_rows={self.block_rows}")
-    if self.early_x and self.stages != 1:
-      raise ValueError("Config.early_x is for one stage, got "
-                       f"stages={self.stages}")
     for field in ("block_rows", "stages", "ctas_per_sm"):
       if getattr(self, field) < 1:
         raise ValueError(f"Config.{field} must be positive, got "
@@ -193,37 +184,31 @@ def backward_slices(n: int, vec: int, row_itemsize: int, itemsizes) -> int:
   return 1
 
 
-# The backward releases x's buffer early (Config.early_x) for rows longer
-# than this, where shared memory holds one stage only. On an H200 (JAX
-# 0.11.2, CUPTI, float32 4096 rows, backward alone, us, early / not;
-# benchmarks/results/mosaic_early_x_h200.json): 12288 169.5 / 163.5,
-# 13312 185.5 / 193.8, 14336 184.9 / 208.3, 15360 241.4 / 243.8, 16384
-# 244.3 / 247.1. The training step at 4096 x 14336 went from 325 to 301 us.
-_EARLY_X_PAST_COLS = 12288
-# Elements of a block's x a thread may hold in registers between the
-# backward's two passes, beside as many of its d(scale) terms and dy's
-# chunk.
-_EARLY_X_MAX_PER_THREAD = 32
-# Chunks of a row unrolled in Python (common.Chunks.visit): a held chunk is
-# a value of its own.
-_EARLY_X_MAX_CHUNKS = 8
+# Measured on an H200 (JAX 0.11.2, CUPTI, backward alone, us, the scale
+# from GMEM chunk by chunk / held; a float32 scale, as Flax's param_dtype
+# default gives; benchmarks/results/mosaic_scale_regs_h200.json): bf16 4096
+# x 14336 118.5 / 91.6, bf16 16384 x 8192 264.2 / 211.2, float32 4096 x
+# 14336 210.9 / 177.8, float32 2048 x 16384 130.8 / 105.9. Where a row
+# slice is more chunks than this, they run in a loop (common.Chunks.visit)
+# and are not held.
+_SCALE_IN_REGISTERS_MAX_CHUNKS = 8
+# A bf16 scale held lost: bf16 16384 x 8192, 209.7 us held against 199.9
+# (`variants_bf16_scale_h200.json`); the float32 scale only is held.
+_SCALE_IN_REGISTERS_ITEMSIZE = 4
 
 
-def backward_early_x(config: Config, n: int, chunks: int,
-                     same_dtypes: bool) -> bool:
-  """Whether the backward releases x's buffer early (Config.early_x):
-  where shared memory holds one stage only (float32 rows past 12288 to
-  16384, split in four warpgroups), so that the next block would
-  otherwise be loaded only after this one is computed and stored, and
-  where that was measured to win. Needs a row slice's `chunks` unrolled
-  and held in registers, and dx written over dy's buffer (`same_dtypes`:
-  x's and dy's are one). A function of n and the dtypes (through config's
-  stages and vec) only: it changes when the next row arrives, not a row's
-  arithmetic."""
-  return (config.stages == 1 and n > _EARLY_X_PAST_COLS and same_dtypes
-          and chunks <= _EARLY_X_MAX_CHUNKS
-          and config.block_rows * config.vec * chunks
-          <= _EARLY_X_MAX_PER_THREAD)
+def backward_scale_in_registers(config: Config, chunks: int,
+                                scale_itemsize: int) -> bool:
+  """Whether the backward holds its chunks of the scale in registers
+  (Config.scale_in_registers): where its rows are split between
+  warpgroups (a slice of `chunks` chunks, unrolled) and the scale did not
+  fit in shared memory, rather than read it from GMEM (L1/L2) in every
+  chunk of both passes; a float32 scale only (`scale_itemsize`, 0 for
+  none), where that was measured to win. Changes where the scale is read from, not a
+  row's arithmetic."""
+  return (scale_itemsize == _SCALE_IN_REGISTERS_ITEMSIZE
+          and config.warpgroups > 1 and not config.scale_in_smem
+          and chunks <= _SCALE_IN_REGISTERS_MAX_CHUNKS)
 
 
 def check_slices(n: int, slices: int, chunk_cols: int,

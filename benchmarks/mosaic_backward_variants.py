@@ -1,21 +1,27 @@
-"""Does the Mosaic backward's early release of x's buffer pay? (H200 sweep)
+"""The Mosaic backward's heuristic choice against its variants (H200 sweep).
 
-Where shared memory holds one stage only (float32 rows of 12288 to 16384,
-four warpgroups a row), the next row used to be loaded only after this one
-was computed and stored. With `Config.early_x` the first pass keeps xhat in
-registers, x's buffer takes the next row at once and dx goes out through
-dy's buffer. This times, in one run on one card, alternating the variants:
+Where a backward's rows are split between warpgroups and the scale does
+not fit in shared memory, the heuristic holds each warpgroup's chunks of
+the scale in registers (`Config.scale_in_registers`), rather than read
+them from GMEM in every chunk of both passes. This times, in one run on one
+card, alternating the variants:
 
-- the backward alone (from the saved rstd), the heuristic's choice against
-  the same configuration without early_x (and, for bf16, whose rows get two
-  stages, one stage with early_x against the default two);
+- the backward alone (from the saved rstd): the heuristic's configuration
+  against the same with the scale held or not;
 - the training step (y, dx and d(scale) from one jit, `bench.step_fn`) with
-  the public API's automatic choice, with and without early_x, beside XLA's.
+  the public API's automatic choice, with and without the heuristic's
+  choice, beside XLA's.
 
 Each variant's dx and d(scale) are checked against the float64 oracle on
-the full batch first. Results go to a JSON file.
+the full batch first. Results go to a JSON file. The scale is float32 by
+default, as Flax's RMSNorm makes it (param_dtype).
 
-  python -m benchmarks.mosaic_early_x --out early_x.json
+  python -m benchmarks.mosaic_backward_variants --out variants.json
+
+(Commit 4cc456b also had a variant releasing x's buffer early in one
+stage, `mosaic_early_x_h200.json`; with the scale held it lost at 4096 x
+14336, 183.5 against 177.8 us, `mosaic_scale_regs_h200.json`, and was
+removed.)
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from jax_rmsnorm._src import testing
 from jax_rmsnorm._src.mosaic import backward as mosaic_backward
 from jax_rmsnorm._src.mosaic import config as mosaic_config
 
-SHAPES = [(4096, 14336, "float32"), (2048, 16384, "float32"),
-          (4096, 12288, "float32"), (4096, 14336, "bfloat16")]
+SHAPES = [(4096, 14336, "bfloat16"), (16384, 8192, "bfloat16"),
+          (4096, 14336, "float32"), (2048, 16384, "float32")]
 EPS = 1e-6
 ROUNDS = 3
 
@@ -60,42 +66,31 @@ def _default_config(x, dy, scale, rstd) -> mosaic_config.Config:
   return seen[0]
 
 
-def _without_early_x():
-  """A context in which the heuristic never releases x early."""
+def _without_held_scale():
+  """A context in which the heuristic never holds the scale."""
   class _Off:
     def __enter__(self):
-      self.saved = mosaic_config.backward_early_x
-      mosaic_config.backward_early_x = lambda *a, **k: False
+      self.saved = mosaic_config.backward_scale_in_registers
+      mosaic_config.backward_scale_in_registers = lambda *a, **k: False
 
     def __exit__(self, *exc):
-      mosaic_config.backward_early_x = self.saved
+      mosaic_config.backward_scale_in_registers = self.saved
   return _Off()
 
 
-def run_shape(m: int, n: int, dtype: str, iterations: int) -> dict:
-  x, scale = testing.random_inputs(1, (m, n), dtype)[:2]
-  scale = scale.astype(jnp.float32)
+def run_shape(m: int, n: int, dtype: str, scale_dtype: str,
+              iterations: int) -> dict:
+  x, scale = testing.random_inputs(1, (m, n), dtype, scale_dtype)
   dy = testing.random_inputs(2, (m, n), dtype)[0]
   rstd = reference.forward(x, None, scale, epsilon=EPS, scale_offset=0.0,
                            save_rstd=True).rstd
   base = _default_config(x, dy, scale, rstd)
-  variants = {}
-  if base.early_x:
-    variants["early_x"] = base
-    variants["no_early_x"] = dataclasses.replace(base, early_x=False)
-    if base.scale_in_smem:  # Does where the scale is read from matter?
-      for name in ("early_x", "no_early_x"):
-        variants[name + "_scale_gmem"] = dataclasses.replace(
-            variants[name], scale_in_smem=False)
-  else:
-    variants["default"] = base
-    variants["one_stage_early_x"] = dataclasses.replace(
-        base, stages=1, early_x=True, scale_in_smem=False)
-  for name, cfg in list(variants.items()):
-    if cfg.warpgroups > 1 and not cfg.scale_in_smem:
-      variants[name + "_scale_regs"] = dataclasses.replace(
-          cfg, scale_in_registers=True)
-  row = {"m": m, "n": n, "dtype": dtype,
+  variants = {"default": base}
+  if base.warpgroups > 1 and not base.scale_in_smem:
+    variants["scale_held" if not base.scale_in_registers
+             else "scale_not_held"] = dataclasses.replace(
+                 base, scale_in_registers=not base.scale_in_registers)
+  row = {"m": m, "n": n, "dtype": dtype, "scale_dtype": scale_dtype,
          "configs": {k: str(v) for k, v in variants.items()}}
   grads = testing.oracle_grad(x, scale, dy, EPS, 0.0)
   bwd = {}
@@ -103,15 +98,15 @@ def run_shape(m: int, n: int, dtype: str, iterations: int) -> dict:
     fn = jax.jit(functools.partial(mosaic_backward.backward, scale_offset=0.0,
                                    config=cfg))
     dx, dscale = fn(x, dy, None, scale, rstd)
-    worst = testing.grads_excess(dx, dscale, grads, dtype, "float32")
+    worst = testing.grads_excess(dx, dscale, grads, dtype, scale_dtype)
     row[f"{name}_excess"] = float(worst.excess)
     bwd[name] = fn
   step_auto = jax.jit(bench.step_fn())
-  with _without_early_x():
+  with _without_held_scale():
     step_off = jax.jit(bench.step_fn())
     jax.block_until_ready(step_off(x, scale, dy))  # Traced without it.
   steps = {"xla": jax.jit(bench.step_fn(implementation="xla")),
-           "auto": step_auto, "auto_no_early_x": step_off}
+           "auto": step_auto, "auto_not_held": step_off}
   times = {}
   for _ in range(ROUNDS):  # Alternate, so that drift hits every variant.
     for name, fn in bwd.items():
@@ -129,20 +124,21 @@ def run_shape(m: int, n: int, dtype: str, iterations: int) -> dict:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.mosaic_early_x", description=__doc__,
+      prog="python -m benchmarks.mosaic_backward_variants", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default=None)
   parser.add_argument("--iterations", type=int, default=30)
   parser.add_argument("--shape", nargs=3, action="append",
                       metavar=("M", "N", "DTYPE"),
                       help="a shape to run instead of the list (repeat)")
+  parser.add_argument("--scale-dtype", default="float32")
   args = parser.parse_args(argv)
   shapes = ([(int(m), int(n), d) for m, n, d in args.shape] if args.shape
             else SHAPES)
   result = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
             "timer": bench.timer(), "rows": []}
   for m, n, dtype in shapes:
-    row = run_shape(m, n, dtype, args.iterations)
+    row = run_shape(m, n, dtype, args.scale_dtype, args.iterations)
     result["rows"].append(row)
     print(json.dumps({k: v for k, v in row.items()
                       if not k.endswith("_runs")}), flush=True)
