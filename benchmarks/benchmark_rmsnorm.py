@@ -64,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
                  help="kernel families timed beside XLA (default: triton); "
                  "auto: implementation=None, the speed table's choice")
   p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+  p.add_argument("--scale-dtype", default=None,
+                 help="the scale's dtype (default: x's, as the records "
+                 "in benchmarks/results have it; float32 is Flax's "
+                 "RMSNorm default, param_dtype). Write such records to "
+                 "their own --out: the speed table reads one per op")
   p.add_argument("--max-elements", type=float, default=math.inf,
                  help="skip shapes with more elements (quick runs)")
   p.add_argument("--min-elements", type=float, default=0,
@@ -123,7 +128,8 @@ def main(argv=None) -> int:
     try:
       rows = [bench.bench_op(op, m, n, dtype, implementations=impls,
                              iterations=args.iterations,
-                             interpret=args.interpret)
+                             interpret=args.interpret,
+                             scale_dtype=args.scale_dtype)
               for m, n, dtype in _progress(todo, desc=f"{op} on {card}")]
     except NotImplementedError as e:
       print(f"benchmark_rmsnorm: {op}: {e}", file=sys.stderr)

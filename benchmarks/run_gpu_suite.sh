@@ -9,6 +9,9 @@
 # Steps: tests bench table auto main llama (default: all, about 30 minutes
 # on an H200); name some to split the suite over shorter sessions, e.g.
 #   bash benchmarks/run_gpu_suite.sh benchmarks/results bench table
+# and, not in the default list, flax-scale: the backward and the step of
+# the large shapes with a float32 scale (Flax's RMSNorm default,
+# param_dtype) beside bf16 and float32 rows, into <results>/scale_float32.
 set -uo pipefail
 out=${1:-benchmarks/results}
 shift || true
@@ -37,11 +40,16 @@ for step in $steps; do
     main)
       python3 -m jax_rmsnorm > "$out/main_job.log" 2>&1 || status=1
       tail -n 3 "$out/main_job.log" ;;
+    flax-scale)
+      $bench --implementations triton mosaic auto --ops backward step \
+          --scale-dtype float32 --min-elements 8e6 \
+          --out "$out/scale_float32" 2>&1 | grep -v '%|' || status=1 ;;
     llama)
       python3 -m benchmarks.bench_llama_block --rounds 5 --out "$out" \
           | tail -n 12 || status=1 ;;
     *)
-      echo "unknown step $step (tests bench table auto main llama)" >&2
+      echo "unknown step $step (tests bench table auto main llama" \
+           "flax-scale)" >&2
       exit 2 ;;
   esac
 done

@@ -67,6 +67,19 @@ def test_bench_op_runs_every_op_in_interpret_mode(op):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the dry run is for CPU machines")
+@pytest.mark.parametrize("op", ["backward", "step"])
+def test_bench_op_takes_a_float32_scale_beside_bf16_rows(op):
+  """Flax's RMSNorm keeps its scale in float32 (param_dtype): the case
+  `--scale-dtype float32` times; its bytes and checks use that dtype."""
+  row = bench.bench_op(op, 5, 256, "bfloat16", iterations=1, interpret=True,
+                       scale_dtype="float32")
+  assert row["scale_dtype"] == "float32"
+  assert row["bytes"] == bench.OP_BYTES[op](5, 256, "bfloat16", "float32")
+  assert row["bytes"] > bench.OP_BYTES[op](5, 256, "bfloat16", "bfloat16")
+  assert row["triton_ok"], row["triton_error_over_bound"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the dry run is for CPU machines")
 def test_benchmark_cli_dry_run_writes_records_report_reads(tmp_path, capsys):
   status = benchmark_rmsnorm.main([
       "--interpret", "--max-elements", "4096", "--dtypes", "bfloat16",

@@ -252,7 +252,7 @@ def _implementations(implementations) -> tuple[str, ...]:
 
 def bench_op(op: str, m: int, n: int, dtype: str, *,
              implementations=("triton",), iterations: int = 20,
-             interpret: bool = False) -> dict:
+             interpret: bool = False, scale_dtype=None) -> dict:
   """Checks and times one op on one shape beside XLA and the copy ceiling,
   same card, same run.
 
@@ -267,14 +267,16 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
   implementations: the kernel families to run beside XLA, which always runs
   as the baseline, and "auto" for implementation=None (the speed table's
   choice). interpret: run the kernels in Pallas interpret mode (a
-  CPU dry run of these code paths; its times mean nothing).
+  CPU dry run of these code paths; its times mean nothing). scale_dtype:
+  the scale's dtype (default x's; float32 is what Flax's RMSNorm gives,
+  its param_dtype default).
 
   Returns one flat row (see the module docstring). Per implementation
   `name` (xla included): name_us, name_gbps, name_pct_copy,
   name_error_over_bound, name_ok; and, but for XLA, name_xla_ratio
   (time(xla) / time(name): > 1 is faster than XLA).
   """
-  x, scale = testing.random_inputs(m * 131 + n, (m, n), dtype)
+  x, scale = testing.random_inputs(m * 131 + n, (m, n), dtype, scale_dtype)
   other, _ = testing.random_inputs(m * 131 + n + 1, (m, n), dtype)
   names = _implementations(implementations)
   nbytes = OP_BYTES[op](m, n, dtype, scale.dtype)
