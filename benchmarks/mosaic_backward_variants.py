@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import statistics
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -48,34 +49,19 @@ ROUNDS = 3
 
 
 def _default_config(x, dy, scale, rstd) -> mosaic_config.Config:
-  """The configuration the backward picks (it logs it; this asks it)."""
-  seen = []
-  original = mosaic_backward.common.launch
-
-  def spy(body, **kwargs):
-    seen.append(body.keywords["config"])
-    return original(body, **kwargs)
-
-  mosaic_backward.common.launch = spy
-  try:
+  """The configuration the backward picks (the one it launches with)."""
+  with mock.patch.object(mosaic_backward.common, "launch",
+                         wraps=mosaic_backward.common.launch) as launch:
     jax.eval_shape(functools.partial(mosaic_backward.backward,
                                      scale_offset=0.0), x, dy, None, scale,
                    rstd)
-  finally:
-    mosaic_backward.common.launch = original
-  return seen[0]
+  return launch.call_args.args[0].keywords["config"]
 
 
 def _without_held_scale():
   """A context in which the heuristic never holds the scale."""
-  class _Off:
-    def __enter__(self):
-      self.saved = mosaic_config.backward_scale_in_registers
-      mosaic_config.backward_scale_in_registers = lambda *a, **k: False
-
-    def __exit__(self, *exc):
-      mosaic_config.backward_scale_in_registers = self.saved
-  return _Off()
+  return mock.patch.object(mosaic_config, "backward_scale_in_registers",
+                           lambda *args: False)
 
 
 def run_shape(m: int, n: int, dtype: str, scale_dtype: str,

@@ -258,7 +258,7 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     def hold(k, carry):
       held_scale[k] = scale_of(k)
       return carry
-    chunks.visit(hold, (), unroll=chunks.count)
+    chunks.visit(hold, ())
   common.pipeline(
       blocks, cta, config.stages, barrier, load=load_block, compute=compute,
       store=store_block, first_barrier=first_barrier,
@@ -341,9 +341,10 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
   width = n // slices
   chunks = common.Chunks(width, config.chunk_cols)
   if config.scale_in_registers and (scale is None or config.scale_in_smem
-                                    or chunks.count > 8):
-    raise ValueError("Config.scale_in_registers needs a scale in GMEM and "
-                     f"a row slice of at most 8 chunks, got {config}")
+                                    or chunks.count > chunks.UNROLL):
+    raise ValueError(
+        "Config.scale_in_registers needs a scale in GMEM and a row slice "
+        f"of at most {chunks.UNROLL} chunks (unrolled), got {config}")
   logger.debug("rms_norm mosaic backward: rows=%d n=%d dtype=%s dh=%s "
                "ctas=%d %s", m, n, x.dtype, dh is not None, ctas, config)
   rows = config.block_rows

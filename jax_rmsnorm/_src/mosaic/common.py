@@ -142,6 +142,9 @@ class Chunks:
   twice). It is masked out of every sum over the row.
   """
 
+  # Up to this many full chunks are unrolled in Python by `visit`.
+  UNROLL = 8
+
   def __init__(self, n: int, cols: int):
     if n < cols:
       raise ValueError(f"rows of {n} are shorter than a chunk of {cols}")
@@ -161,7 +164,7 @@ class Chunks:
     return isinstance(k, int) and self.has_tail and k == self.count
 
   def visit(self, body: Callable[[Any, Any], Any], carry: Any = None, *,
-            unroll: int = 8, step: int = 2) -> Any:
+            unroll: int = UNROLL, step: int = 2) -> Any:
     """carry = body(k, carry) over the tail (k == count, if any) and then
     the full chunks k = 0..count-1; the first call gets carry None when
     None is given (it returns the initial carry). Up to `unroll` full

@@ -189,7 +189,7 @@ def backward_slices(n: int, vec: int, row_itemsize: int, itemsizes) -> int:
 # default gives; benchmarks/results/mosaic_scale_regs_h200.json): bf16 4096
 # x 14336 118.5 / 91.6, bf16 16384 x 8192 264.2 / 211.2, float32 4096 x
 # 14336 210.9 / 177.8, float32 2048 x 16384 130.8 / 105.9. Where a row
-# slice is more chunks than this, they run in a loop (common.Chunks.visit)
+# slice is more chunks than this, they run in a loop (common.Chunks.UNROLL)
 # and are not held.
 _SCALE_IN_REGISTERS_MAX_CHUNKS = 8
 # A bf16 scale held lost: bf16 16384 x 8192, 209.7 us held against 199.9
