@@ -12,6 +12,7 @@ for every width claimed supported, with the kernel name once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -37,6 +38,9 @@ EPS = 1e-6
 requires_interpret = pytest.mark.skipif(
     not common.interpret_available(),
     reason=f"JAX {jax.__version__} has no Mosaic GPU interpret mode")
+requires_hopper = pytest.mark.skipif(
+    not platform.on_cuda_gpu() or (platform.compute_capability() or 0) < 9.0,
+    reason="compiled Mosaic GPU kernels need a Hopper GPU")
 
 
 @pytest.fixture(autouse=True)
@@ -96,14 +100,20 @@ FORWARD_CASES = [
                          "cast_order", FORWARD_CASES, ids=str)
 def test_forward_matches_oracle(shape, dtype, res_dtype, scale_dtype, offset,
                                 out_dtype, cast_order):
+  _check_forward(shape, dtype, res_dtype, scale_dtype, offset, out_dtype,
+                 cast_order)
+
+
+def _check_forward(shape, dtype, res_dtype, scale_dtype, offset, out_dtype,
+                   cast_order, interpret=True):
   x, scale, residual = _inputs(1, shape, dtype, scale_dtype, res_dtype)
   if scale_dtype is None:
     scale = None
   n = shape[-1]
   kwargs = dict(epsilon=EPS, scale_offset=offset, out_dtype=out_dtype,
                 cast_order=cast_order, save_rstd=True)
-  fn = jax.jit(functools.partial(mosaic_forward.forward, interpret=True,
-                                 **kwargs))
+  fn = jax.jit(functools.partial(mosaic_forward.forward,
+                                 interpret=interpret, **kwargs))
   y, h, rstd = fn(x, residual, scale)
   norm_dtype = dtype if residual is None else res_dtype
   assert y.dtype == jnp.dtype(out_dtype or norm_dtype) and y.shape == shape
@@ -132,6 +142,55 @@ def test_forward_matches_oracle(shape, dtype, res_dtype, scale_dtype, offset,
       jnp.float32, n))
 
 
+@pytest.fixture
+def _split_rows(monkeypatch):
+  """Forces the forward's rows split between `warpgroups` warpgroups
+  wherever they split (mosaic_config.row_slices), whatever the measured
+  table picks."""
+  launched = []
+  launch = common.launch
+
+  def recording_launch(*args, **kwargs):
+    launched.append(kwargs.get("warpgroups", 1))
+    return launch(*args, **kwargs)
+
+  monkeypatch.setattr(common, "launch", recording_launch)
+
+  @contextlib.contextmanager
+  def force(warpgroups):
+    for op in ("forward", "quant"):
+      monkeypatch.setitem(mosaic_config.ROW_SLICES, op,
+                          {2: ((0, warpgroups),), 4: ((0, warpgroups),)})
+    yield
+    assert launched and set(launched) == {warpgroups}, launched
+  return force
+
+
+# Rows split between warpgroups: (shape, warpgroups, x dtype, residual dtype,
+# scale dtype, offset, out dtype, order). Tail chunks in every slice (9216 /
+# 4 = 4 x 512 + 256), the residual, out_dtype, two slices.
+SPLIT_FORWARD_CASES = [
+    ((3, 9216), 4, "bfloat16", "float32", "float32", 0.0, None, "hf"),
+    ((2, 12288), 4, "float32", None, "float32", 1.0, "bfloat16", "float32"),
+    ((2, 2, 5120), 2, "bfloat16", None, "bfloat16", 0.0, None, "float32"),
+]
+
+
+@requires_interpret
+@pytest.mark.parametrize("shape,warpgroups,dtype,res_dtype,scale_dtype,"
+                         "offset,out_dtype,cast_order", SPLIT_FORWARD_CASES,
+                         ids=str)
+def test_forward_rows_split_between_warpgroups(
+    _split_rows, shape, warpgroups, dtype, res_dtype, scale_dtype, offset,
+    out_dtype, cast_order):
+  """The forward with each row's columns split between warpgroups (the sum
+  of squares handed over through shared memory, common.RowTotals): the
+  same checks as test_forward_matches_oracle."""
+  with _split_rows(warpgroups):
+    _check_forward(shape, dtype, res_dtype, scale_dtype, offset, out_dtype,
+                   cast_order)
+
+
 # The quantized output: (shape, x dtype, residual dtype, quant dtype, scale
 # mode, cast order). Every quant dtype and scale mode, a residual of x's
 # dtype and of float32, a chunk tail (896 = 512 + tail, 1040), one row.
@@ -145,10 +204,10 @@ QUANT_CASES = [
 ]
 
 
-def _mosaic_quantized(quant_dtype, cast_order="float32"):
+def _mosaic_quantized(quant_dtype, cast_order="float32", interpret=True):
   return jax.jit(functools.partial(
       mosaic_quantize.forward, epsilon=EPS, scale_offset=0.0,
-      quant_dtype=quant_dtype, cast_order=cast_order, interpret=True))
+      quant_dtype=quant_dtype, cast_order=cast_order, interpret=interpret))
 
 
 @requires_interpret
@@ -156,6 +215,11 @@ def _mosaic_quantized(quant_dtype, cast_order="float32"):
                          QUANT_CASES, ids=str)
 def test_quantized_matches_oracle(shape, dtype, res_dtype, quant_dtype, mode,
                                   cast_order):
+  _check_quantized(shape, dtype, res_dtype, quant_dtype, mode, cast_order)
+
+
+def _check_quantized(shape, dtype, res_dtype, quant_dtype, mode, cast_order,
+                     interpret=True):
   """The Mosaic kernel's quantized output, judged as test_quantize judges
   every implementation: codes within their bound of the float64 y over the
   scale used, dynamic scales within tolerance of max|y| / qmax, h exact."""
@@ -163,8 +227,8 @@ def test_quantized_matches_oracle(shape, dtype, res_dtype, quant_dtype, mode,
   x, residual, scale = test_quantize._inputs(shape, dtype, res_dtype)
   quant_scale = (None if mode == "dynamic"
                  else test_quantize._static_scale(mode, n, quant_dtype))
-  y_q, s, h = _mosaic_quantized(quant_dtype, cast_order)(x, residual, scale,
-                                                          quant_scale)
+  y_q, s, h = _mosaic_quantized(quant_dtype, cast_order, interpret)(
+      x, residual, scale, quant_scale)
   assert y_q.shape == x.shape and y_q.dtype == jnp.dtype(quant_dtype)
   if residual is None:
     assert h is None
@@ -182,6 +246,26 @@ def test_quantized_matches_oracle(shape, dtype, res_dtype, quant_dtype, mode,
     assert s is None
     s = quant_scale
   test_quantize.assert_quantized_close(y_q, s, y64, quant_dtype, rel)
+
+
+# Split rows (4 warpgroups): the dynamic scale's amax folded into the sum
+# of squares' handover, or a handover of its own after it (a residual, the
+# hf order); a static scale's reciprocal in slices.
+SPLIT_QUANT_CASES = [
+    ((3, 10240), "bfloat16", None, "int8", "dynamic", "float32"),
+    ((2, 9216), "bfloat16", "bfloat16", "float8_e4m3fn", "dynamic", "float32"),
+    ((2, 8704), "float32", None, "float8_e5m2", "dynamic", "hf"),
+    ((2, 16384), "float32", None, "float8_e4m3fn", "channel", "float32"),
+]
+
+
+@requires_interpret
+@pytest.mark.parametrize("shape,dtype,res_dtype,quant_dtype,mode,cast_order",
+                         SPLIT_QUANT_CASES, ids=str)
+def test_quantized_rows_split_between_warpgroups(
+    _split_rows, shape, dtype, res_dtype, quant_dtype, mode, cast_order):
+  with _split_rows(4):
+    _check_quantized(shape, dtype, res_dtype, quant_dtype, mode, cast_order)
 
 
 @requires_interpret
@@ -226,7 +310,7 @@ BACKWARD_CASES = [
     ((3, 4096), "float16", "float16", True, None, 0.0, "float32"),
     ((1, 8192), "bfloat16", "bfloat16", False, "bfloat16", 0.0, "hf"),
     ((6, 2048), "bfloat16", "float32", False, "bfloat16", 0.0, "float32"),
-    # Rows split between warpgroups (mosaic_config.backward_slices): two
+    # Rows split between warpgroups (mosaic_config.row_slices): two
     # slices with a tail chunk each, and dh; four (the float32 scale held in
     # registers); four in one stage (the scale in shared memory), and held
     # in registers again, with tail chunks and dh.
@@ -376,13 +460,23 @@ def test_config_is_a_function_of_the_row():
   assert mosaic_config.row_multiple(4096) == 1
   assert mosaic_config.row_multiple(1000) == 8
   # Rows split between warpgroups where measured to win, if they split.
-  slices = functools.partial(mosaic_config.backward_slices, vec=4)
-  assert slices(4096, row_itemsize=2, itemsizes=[2, 2, 4]) == 1
-  assert slices(5120, row_itemsize=2, itemsizes=[2, 2, 4]) == 2
-  assert slices(14336, row_itemsize=2, itemsizes=[2, 2, 4]) == 4
-  assert slices(8192, row_itemsize=4, itemsizes=[4, 4, 4]) == 1
-  assert slices(14336, row_itemsize=4, itemsizes=[4, 4]) == 4
-  assert slices(8200, row_itemsize=2, itemsizes=[2, 2]) == 1  # no 128 B
+  # Split rows read chunks of float32 at least (the handed-over totals),
+  # with or without a float32 operand.
+  slices = functools.partial(mosaic_config.row_slices, "backward")
+  assert slices(4096, 4, 2, [2, 2, 4]) == (1, 4)
+  assert slices(5120, 4, 2, [2, 2, 4]) == (2, 4)
+  assert slices(14336, 4, 2, [2, 2, 4]) == (4, 4)
+  assert slices(14336, 2, 2, [2, 2]) == (4, 4)  # no scale: float32 chunks
+  assert slices(4096, 2, 2, [2, 2]) == (1, 2)
+  assert slices(8192, 4, 4, [4, 4, 4]) == (1, 4)
+  assert slices(14336, 4, 4, [4, 4]) == (4, 4)
+  assert slices(8200, 2, 2, [2, 2]) == (1, 2)  # no 128-byte slices
+  # The forward's measured choices: wide rows only, fewer slices with
+  # quantized codes out.
+  assert mosaic_config.row_slices("forward", 14336, 2, 2, [2, 2]) == (4, 4)
+  assert mosaic_config.row_slices("forward", 8192, 2, 2, [2, 2]) == (1, 2)
+  assert mosaic_config.row_slices("forward", 8192, 4, 4, [4, 4]) == (4, 4)
+  assert mosaic_config.row_slices("quant", 14336, 2, 2, [2, 1]) == (2, 4)
   with pytest.raises(ValueError, match="one row"):
     mosaic_config.Config(vec=4, block_rows=2, stages=1, warpgroups=2)
   # The scale held in registers where rows are split between warpgroups
@@ -435,6 +529,8 @@ LOWERING_CASES = [
     (8192, 5120, "float32", None, "float32", "bfloat16"),
     (16384, 8192, "bfloat16", "float32", "bfloat16", None),
     (4096, 14336, "bfloat16", None, "float32", None),
+    (4096, 14336, "bfloat16", None, None, None),   # split rows, no scale
+    (8192, 5120, "bfloat16", "bfloat16", None, None),
     (4096, 14336, "float32", "float32", "float32", None),
     (64, 16384, "float32", "float32", "float32", "bfloat16"),
     (1, 8192, "bfloat16", None, "bfloat16", None),
@@ -493,15 +589,34 @@ def test_quantized_kernel_lowers_for_cuda(m, n, dtype, res_dtype, quant_dtype,
                      mosaic_quantize.KERNEL_NAME)
 
 
+@pytest.mark.usefixtures("_sm90_grid")
+@pytest.mark.parametrize("warpgroups", [2, 4])
+def test_split_rows_lower_for_cuda(_split_rows, warpgroups):
+  """The forward with rows split between warpgroups, for CUDA: plain (y
+  not in place, a residual), and quantized with one handover (the amax
+  folded in) and two (a residual)."""
+  x = _struct((4096, 14336), "bfloat16")
+  scale = _struct((14336,), "float32")
+  with _split_rows(warpgroups):
+    fwd = functools.partial(mosaic_forward.forward, epsilon=EPS,
+                            scale_offset=0.0, out_dtype="float32",
+                            save_rstd=True)
+    _assert_one_kernel(_lower_for_cuda(fwd, x, x, scale),
+                       mosaic_forward.KERNEL_NAME)
+    for residual in (None, x):
+      fn = functools.partial(mosaic_quantize.forward, epsilon=EPS,
+                             scale_offset=0.0, quant_dtype="float8_e4m3fn")
+      _assert_one_kernel(_lower_for_cuda(fn, x, residual, scale, None),
+                         mosaic_quantize.KERNEL_NAME)
+
+
 def test_quantized_refuses_unaligned_codes():
   with pytest.raises(NotImplementedError, match="multiple of 16"):
     mosaic_quantize.check_supported(64, 1000, "float8_e4m3fn")
   mosaic_quantize.check_supported(64, 1008, "int8")
 
 
-@pytest.mark.skipif(not platform.on_cuda_gpu() or (
-    platform.compute_capability() or 0) < 9.0,
-                    reason="compiled Mosaic GPU kernels need a Hopper GPU")
+@requires_hopper
 @pytest.mark.parametrize("m,n,dtype", [
     (2048, 4096, "bfloat16"), (256, 4096, "bfloat16"), (16, 4096, "bfloat16"),
     (13, 5120, "bfloat16"), (128, 14336, "bfloat16"), (600, 896, "bfloat16"),
@@ -531,9 +646,7 @@ def test_compiled_kernels_match_oracle(m, n, dtype):
   assert worst.excess <= 0, worst
 
 
-@pytest.mark.skipif(not platform.on_cuda_gpu() or (
-    platform.compute_capability() or 0) < 9.0,
-                    reason="compiled Mosaic GPU kernels need a Hopper GPU")
+@requires_hopper
 @pytest.mark.parametrize("m,n,dtype,res_dtype,quant_dtype,mode", [
     (2048, 4096, "bfloat16", None, "float8_e4m3fn", "dynamic"),
     (600, 896, "bfloat16", "bfloat16", "float8_e4m3fn", "dynamic"),
@@ -572,6 +685,40 @@ def test_compiled_quantized_matches_oracle(m, n, dtype, res_dtype,
   y_q = fn(x, residual, scale, tiny)
   y_q = (y_q if not isinstance(y_q, tuple) else y_q[0])
   assert np.all(np.abs(_f64(y_q)) <= top) and np.any(np.abs(_f64(y_q)) == top)
+
+
+@requires_hopper
+@pytest.mark.parametrize("warpgroups", [2, 4])
+def test_compiled_split_rows_match_oracle(_split_rows, warpgroups):
+  """The compiled forward with rows split between warpgroups, whatever the
+  measured table picks: plain (a residual, out_dtype) and quantized (the
+  amax folded into the first handover, and in a second one)."""
+  with _split_rows(warpgroups):
+    _check_forward((512, 14336), "bfloat16", "bfloat16", "float32", 0.0,
+                   None, "float32", interpret=False)
+    _check_forward((256, 9216), "float32", None, "float32", 1.0, "bfloat16",
+                   "hf", interpret=False)
+    for res_dtype in (None, "bfloat16"):
+      _check_quantized((512, 14336), "bfloat16", res_dtype, "float8_e4m3fn",
+                       "dynamic", "float32", interpret=False)
+    _check_quantized((256, 9216), "float32", None, "int8", "channel", "hf",
+                     interpret=False)
+
+
+@requires_hopper
+@pytest.mark.parametrize("n", [5120, 14336])
+def test_compiled_backward_without_scale(n):
+  """bf16 rows split between warpgroups with no scale: the chunks are read
+  as float32 for the handed-over totals (mosaic_config.HANDOVER_ITEMSIZE;
+  with bf16 ones the kernel did not lower)."""
+  x = testing.random_inputs(n, (1024, n), "bfloat16")[0]
+  dy = testing.random_inputs(n + 1, (1024, n), "bfloat16")[0]
+  norm = functools.partial(jax_rmsnorm.rms_norm, implementation="mosaic")
+  dx = jax.jit(jax.grad(lambda x: jnp.sum(
+      norm(x, None).astype(jnp.float32) * dy.astype(jnp.float32))))(x)
+  worst = testing.grads_excess(dx, None, testing.oracle_grad(x, None, dy),
+                               "bfloat16", "float32")
+  assert worst.excess <= 0, worst
 
 
 @requires_interpret

@@ -38,15 +38,15 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   (its slice of row r) with its own buffers, barriers and d(scale) sums,
   exactly as one warpgroup works on whole rows, except that the row sum of
   g * xhat is taken by warpgroup 0 from the W slices' chunk sums, handed
-  over through shared memory and added in the order of w (row_means).
+  over through shared memory and added in the order of w (row_means,
+  common.RowTotals).
 
   Refs: x, dy, [dh], [scale], rstd in GMEM, dx and [the d(scale) partials
   (ctas, W, chunk slots * chunk)] in GMEM; then the SMEM buffers x and dy
   (W, stages, rows, n / W), [dh (when config.dh_in_smem)], [scale (W,
   n / W) (when config.scale_in_smem)], [d(scale) sums (W, chunk slots *
-  chunk) float32], [for W > 1: the slices' chunk sums (2, W, chunk) and
-  row totals (2,) float32, and two pairs of barriers: sums ready, total
-  done], the load barriers (W * stages) and [the scale's barriers (W)]. dx
+  chunk) float32], [for W > 1: common.RowTotals' scratch], the load
+  barriers (W * stages) and [the scale's barriers (W)]. dx
   is written over x's buffer. With config.scale_in_registers, the
   warpgroup's chunks of the scale are read from GMEM once, before its
   first row, and held.
@@ -75,14 +75,13 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   w_smem = refs.pop(0) if has_scale and config.scale_in_smem else None
   dw_smem = refs.pop(0) if has_scale else None
   slices = config.warpgroups
+  wg = lax.axis_index("wg") if slices > 1 else 0
   if slices > 1:
-    sums_smem, total_smem = refs.pop(0), refs.pop(0)
-    sums_ready, sums_done = refs.pop(0), refs.pop(0)
+    row_totals = common.RowTotals(refs, slices, wg, config.vec, interpret)
   barrier = refs.pop(0)
   w_barrier = refs.pop(0) if w_smem is not None else None
   assert not refs, refs
 
-  wg = lax.axis_index("wg") if slices > 1 else 0
   x_smem, dy_smem = x_smem.at[wg], dy_smem.at[wg]
   if dh_smem is not None:
     dh_smem = dh_smem.at[wg]
@@ -120,38 +119,14 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
   def row_means(acc, step):
     """The (rows, cols) chunk sums `acc` of g * xhat -> their mean over the
-    whole row, broadcast over the columns. With several slices (one row a
-    block), the other warpgroups hand their chunk sums to warpgroup 0
-    through shared memory; it adds them in the order of w, reduces the one
-    row and hands back the total. (Pallas gives every reduction across
-    warps one scratch buffer at one offset: warpgroups reducing at once
-    would race on it, so only warpgroup 0 does.)"""
+    whole row, broadcast over the columns (with several slices, one row a
+    block, summed across the warpgroups by `row_totals`)."""
     if slices == 1:
       return broadcast_rows(jnp.sum(acc, axis=1) / jnp.float32(n))
-    parity = step % 2  # Warpgroup 0 read step - 2's by now, and they its.
-    mine = jnp.sum(acc, axis=0)  # One row: no reduction across warps.
-
-    @pl.when(wg != 0)
-    def _():
-      sums_smem.at[parity, wg][...] = mine
-      plgpu.barrier_arrive(sums_ready.at[parity])
-      plgpu.barrier_wait(sums_done.at[parity])
-
-    @pl.when(wg == 0)
-    def _():
-      plgpu.barrier_wait(sums_ready.at[parity])
-      total = mine
-      for w in range(1, slices):
-        total = total + load(sums_smem.at[parity, w], column_layout)
-      total_smem[parity] = jnp.sum(total)
-      # Every thread of warpgroup 0 stores the total (the same value) and
-      # reads it back below: order its threads' stores before their reads
-      # (compute-sanitizer's racecheck once flagged the pair).
-      common.sync()
-      plgpu.barrier_arrive(sums_done.at[parity])
-
+    # One row: the sum over axis 0 takes no reduction across warps.
+    total, = row_totals([("sum", jnp.sum(acc, axis=0))], step)
     return common.with_layout(lax.broadcast_in_dim(
-        total_smem[parity] / jnp.float32(n), shape, ()), layout, interpret)
+        total / jnp.float32(n), shape, ()), layout, interpret)
 
   held_scale = {}  # With config.scale_in_registers: chunk -> its scale.
 
@@ -270,14 +245,6 @@ def _backward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _slices_bytes(slices: int, chunk_cols: int) -> int:
-  """Shared memory the kernel takes for `slices` warpgroups besides their
-  buffers: the slices' chunk sums and totals, two steps' worth."""
-  if slices == 1:
-    return 0
-  return 2 * 4 * (slices * chunk_cols + 1)
-
-
 def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
              scale: jax.Array | None, rstd: jax.Array, *,
              scale_offset: float, cast_order: str = "float32",
@@ -315,13 +282,14 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
                  for d in chunk_dtypes)
   if config is None:
     # With a scale, the float32 d(scale) sums are read in chunks too.
-    max_itemsize = max(itemsizes + ([4] if scale is not None else []))
-    vec = mosaic_config.pick_vec(n, max_itemsize)
-    chunk_cols = mosaic_config.THREADS * vec
-    slices = mosaic_config.backward_slices(n, vec, max(tile_sizes), itemsizes)
+    slices, max_itemsize = mosaic_config.row_slices(
+        "backward", n, max(itemsizes + ([4] if scale is not None else [])),
+        max(tile_sizes), itemsizes)
+    chunk_cols = mosaic_config.THREADS * mosaic_config.pick_vec(
+        n, max_itemsize)
     padded = slices * common.Chunks(n // slices, chunk_cols).padded_cols
-    fixed = (0 if scale is None else 4 * padded) + _slices_bytes(
-        slices, chunk_cols)
+    fixed = (0 if scale is None else 4 * padded) + (
+        common.RowTotals.smem_bytes(1, slices, chunk_cols))
     config = mosaic_config.get_config(
         n, n * sum(tile_sizes), max_itemsize, fixed,
         multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
@@ -368,10 +336,8 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
     scratch.append(common.scratch(args[-2].shape, scale.dtype))
   if scale is not None:
     scratch.append(common.scratch((slices, chunks.padded_cols), jnp.float32))
-  if slices > 1:  # The slices' chunk sums and totals, by step parity.
-    scratch += [common.scratch((2, slices, config.chunk_cols), jnp.float32),
-                common.scratch((2,), jnp.float32),
-                common.barriers(2, slices - 1), common.barriers(2, 1)]
+  if slices > 1:
+    scratch += common.RowTotals.scratch_types(1, slices, config.chunk_cols)
   scratch.append(common.barriers(
       slices * config.stages, 2 + (dh is not None and config.dh_in_smem)))
   if scale is not None and config.scale_in_smem:

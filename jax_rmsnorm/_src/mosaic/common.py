@@ -309,6 +309,83 @@ def sync() -> None:
 
 
 # ---------------------------------------------------------------------------
+# Rows split between warpgroups.
+
+class RowTotals:
+  """Totals over whole rows where a CTA's W warpgroups each hold a slice of
+  one row (Config.warpgroups, one row a block).
+
+  Each warpgroup reduces its slice to a float32 (cols,) vector per total
+  (over its chunks, in registers; a kernel that splits rows reads chunks of
+  at least mosaic_config.HANDOVER_ITEMSIZE); the others hand theirs to
+  warpgroup 0 through shared memory, which combines the W vectors in the
+  order of w, reduces them to one scalar and hands it back. Pallas gives every reduction across
+  warps one scratch buffer at one offset: warpgroups reducing at once would
+  race on it, so only warpgroup 0 does. Buffers and barriers come in two
+  sets used alternately (`index`, counted over the kernel's handovers):
+  warpgroup 0 has read handover i - 2's vectors before any warpgroup can
+  write handover i's, and they have read its totals.
+  """
+
+  _REDUCE = {"sum": (jnp.add, jnp.sum), "max": (jnp.maximum, jnp.max)}
+  def __init__(self, refs: list, slices: int, wg, vec: int,
+               interpret: bool):
+    """Pops its scratch refs (`scratch_types`' order) off `refs`; the
+    vectors are in `column_layout(vec)`."""
+    self.vectors, self.totals = refs.pop(0), refs.pop(0)
+    self.ready, self.done = refs.pop(0), refs.pop(0)
+    self.slices, self.wg = slices, wg
+    self.layout, self.interpret = column_layout(vec), interpret
+
+  @staticmethod
+  def scratch_types(count: int, slices: int, chunk_cols: int) -> list:
+    """The scratch types for up to `count` totals at once: the vectors of
+    warpgroups 1..W-1 (2, W - 1, count, cols) and the totals (2, count)
+    float32, and the barriers (ready: W - 1 arrivals; done)."""
+    return [scratch((2, slices - 1, count, chunk_cols), jnp.float32),
+            scratch((2, count), jnp.float32),
+            barriers(2, slices - 1), barriers(2, 1)]
+
+  @staticmethod
+  def smem_bytes(count: int, slices: int, chunk_cols: int) -> int:
+    """Shared memory of `scratch_types` (0 where rows are not split)."""
+    if slices == 1:
+      return 0
+    return 2 * 4 * count * ((slices - 1) * chunk_cols + 1)
+
+  def __call__(self, parts, index) -> list:
+    """The row totals of `parts`, (op, vector) pairs: op "sum" or "max",
+    the vector this warpgroup's (cols,) reduction of its slice. Returns
+    float32 scalars, in every thread of every warpgroup."""
+    parity = index % 2
+
+    @pl.when(self.wg != 0)
+    def _():
+      for i, (_, part) in enumerate(parts):
+        self.vectors.at[parity, self.wg - 1, i][...] = part
+      plgpu.barrier_arrive(self.ready.at[parity])
+      plgpu.barrier_wait(self.done.at[parity])
+
+    @pl.when(self.wg == 0)
+    def _():
+      plgpu.barrier_wait(self.ready.at[parity])
+      for i, (op, part) in enumerate(parts):
+        combine, reduce = self._REDUCE[op]
+        total = part
+        for w in range(1, self.slices):
+          total = combine(total, load(self.vectors.at[parity, w - 1, i],
+                                      self.layout, self.interpret))
+        self.totals[parity, i] = reduce(total)
+      # Every thread of warpgroup 0 stores each total (the same value) and
+      # reads it back below: order its threads' stores before their reads
+      # (compute-sanitizer's racecheck once flagged the pair).
+      sync()
+      plgpu.barrier_arrive(self.done.at[parity])
+
+    return [self.totals[parity, i] for i in range(len(parts))]
+
+
+# ---------------------------------------------------------------------------
 # Row blocks and the pipeline.
 
 class Blocks:

@@ -1,9 +1,10 @@
 """Launch configuration of the Mosaic GPU kernels and its heuristics
-(`get_config`, and `backward_slices` for the backward's warpgroups).
+(`get_config`, and `row_slices` for the warpgroups a row is split
+between).
 
 Every kernel here is a persistent grid of CTAs of one warpgroup (128
-threads; the backward's CTAs have 2 or 4 for wide rows, each taking a
-slice of every row's columns). A CTA walks over blocks of `block_rows`
+threads; 2 or 4 for wide rows, each taking a slice of every row's
+columns: `row_slices`). A CTA walks over blocks of `block_rows`
 rows: each block is copied whole into shared memory by one bulk TMA copy
 per operand, `stages` blocks deep, and the row is read from shared memory
 in chunks of `128 * vec` columns (every thread holds `vec` contiguous
@@ -66,11 +67,12 @@ class Config:
     dh_in_smem: the backward's extra gradient dh comes in by TMA with x and
       dy; otherwise its chunks are loaded from GMEM straight into registers
       (it is read once), where shared memory is short.
-    warpgroups: warpgroups of a CTA (the backward). With more than one,
-      each takes an equal slice of every row's columns, with its own shared
-      memory buffers, copies and d(scale) sums; warpgroup 0 takes the row
-      sum from the slices' chunk sums, handed over through shared memory
-      and added in a fixed order; a block is then one row. A row's
+    warpgroups: warpgroups of a CTA. With more than one, each takes an
+      equal slice of every row's columns, with its own shared memory
+      buffers, copies and (the backward's) d(scale) sums; warpgroup 0 takes
+      the row totals (sums of squares, of g * xhat; amaxes) from the
+      slices' chunk sums, handed over through shared memory and combined in
+      a fixed order (common.RowTotals); a block is then one row. A row's
       arithmetic depends on warpgroups, which depends on n and the dtypes
       only.
     scale_in_registers: the backward, where the scale is not in shared
@@ -155,9 +157,12 @@ def row_multiple(n: int, itemsize: int = 2) -> int:
   return 128 // math.gcd(128, n * itemsize)
 
 
-# Warpgroups a backward CTA splits a row between, by the widest of x's and
-# dy's itemsizes: (rows longer than this, warpgroups), the first that
-# applies and splits n (`check_slices`). On an H200 (JAX 0.11.2, CUPTI,
+# Warpgroups a CTA splits a row between, per op, by the widest itemsize of
+# the row operands (the backward's x and dy, the forward's x and residual):
+# (rows longer than this, warpgroups), the first that applies and splits n
+# (`check_slices`).
+#
+# The backward's, on an H200 (JAX 0.11.2, CUPTI,
 # benchmarks/results/mosaic_warpgroups_h200.json; backward alone, us, 1 /
 # 2 / 4 warpgroups, Triton): bf16 4096 x 14336 121 / 99 / 96 (136); 16384
 # x 8192 226 / 201 / 241 (211); 8192 x 5120 72 / 69 / 83 (77); 32768 x
@@ -166,22 +171,52 @@ def row_multiple(n: int, itemsize: int = 2) -> int:
 # 128 / 130 / 127 (132); 32768 x 4096 399 / 400 / 401 (404). One
 # warpgroup holds a wide row's chunks alone (one CTA an SM: shared memory
 # is short), latency bound; several share its columns.
-_BACKWARD_SLICES_BY_ITEMSIZE = {2: ((8192, 4), (4096, 2)), 4: ((8192, 4),)}
+#
+# The forward's, plain ("forward") and with quantized codes out ("quant"),
+# by the widest of x's and the residual's itemsizes, on the same H200
+# (benchmarks/results/mosaic_forward_slices_h200.json, x alone with a scale
+# of its dtype, us, 1 / 2 / 4 warpgroups, Triton, the copy): bf16 4096 x
+# 14336 74.6 (68.1 with the unsplit row's 16-byte loads) / 69.5 / 63.7
+# (62.2, 57.0); 16384 x 8192 148 / 147 / 148; 8192 x 5120 44.2 / 45.3 /
+# 50.4; float32 4096 x 14336 129.6 / 127.0 / 126.8 (114.3); 16384 x 8192
+# 386.7 / 301.2 / 273.3 (261.5); 8192 x 5120 88.4 / 89.2 / 92.2. Dynamic
+# float8 codes: bf16 4096 x 14336 68.4 / 61.8 / 62.6; 16384 x 8192 131.9 /
+# 135.8 / 153.9; float32 4096 x 14336 84.7 / 72.7 / 72.7 (Triton 79.9);
+# 16384 x 8192 164.4 / 160.9 / 174.4 (177.2); 8192 x 5120 51.2 / 51.3 /
+# 64.3 (54.1).
+ROW_SLICES = {
+    "backward": {2: ((8192, 4), (4096, 2)), 4: ((8192, 4),)},
+    "forward": {2: ((8192, 4),), 4: ((5120, 4),)},
+    "quant": {2: ((8192, 2),), 4: ((5120, 2),)},
+}
+# The row totals split rows hand over between warpgroups are float32
+# vectors laid out as chunk rows (common.RowTotals): a kernel that splits
+# reads chunks of at least this itemsize (Mosaic cannot load more than 16
+# bytes a thread of them: "Failed to prove that vector transfers don't
+# cross swizzle tile boundaries").
+HANDOVER_ITEMSIZE = 4
 
 
-def backward_slices(n: int, vec: int, row_itemsize: int, itemsizes) -> int:
-  """Warpgroups a backward CTA splits each row between (Config.warpgroups):
-  a function of n and the dtypes (`row_itemsize`, the widest of x's and
-  dy's, every operand's `itemsizes`, the chunk's `vec`) only, so a row's
-  arithmetic does not depend on the batch."""
-  for past, slices in _BACKWARD_SLICES_BY_ITEMSIZE[row_itemsize]:
+def row_slices(op: str, n: int, chunk_itemsize: int, row_itemsize: int,
+               itemsizes) -> tuple[int, int]:
+  """(warpgroups, vec itemsize) of a CTA of `op` (a key of ROW_SLICES)
+  over rows of n: the warpgroups each row is split between
+  (Config.warpgroups, from ROW_SLICES), and the itemsize that fixes the
+  chunk's vec (`pick_vec`): the widest read in chunks (`chunk_itemsize`),
+  HANDOVER_ITEMSIZE too where rows split. `row_itemsize` picks the table's
+  entry; every operand's `itemsizes` must split in whole 128-byte copies.
+  A function of n and the dtypes only, so a row's arithmetic does not
+  depend on the batch."""
+  split_itemsize = max(chunk_itemsize, HANDOVER_ITEMSIZE)
+  for past, slices in ROW_SLICES[op].get(row_itemsize, ()):
     if n > past:
       try:
-        check_slices(n, slices, THREADS * vec, itemsizes)
+        check_slices(n, slices, THREADS * pick_vec(n, split_itemsize),
+                     itemsizes)
       except ValueError:
         continue
-      return slices
-  return 1
+      return slices, split_itemsize
+  return 1, chunk_itemsize
 
 
 # Measured on an H200 (JAX 0.11.2, CUPTI, backward alone, us, the scale

@@ -43,11 +43,20 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   """CTA c normalizes the row blocks c, c + ctas, ... (common.Blocks),
   `config.stages` of them in shared memory at once (common.pipeline).
 
+  With W = config.warpgroups, a row's columns are split in W slices of
+  n / W, one a warpgroup, as in the backward (`mosaic/backward.py`): every
+  operand of n columns comes as (rows * W, n / W), the scale and the
+  static quant scale's reciprocal as (W, n / W), and warpgroup w works on
+  rows r * W + w with its own buffers and barriers; the row totals (the
+  sum of squares, and a dynamic scale's amax) cross the warpgroups through
+  common.RowTotals, and warpgroup 0 stores rstd or the row scale.
+
   Refs: x, [residual], [scale], [the static quant scale's reciprocal], y,
   [h], [rstd, or the dynamic quant scales] in GMEM; then the SMEM
-  buffers x (stages, rows, n), [residual], [y], [scale (when
-  config.scale_in_smem: copied once per CTA)], the load barriers (one a
-  stage) and [the scale's barrier]. With a residual, h = x + residual
+  buffers x (W, stages, rows, n / W), [residual], [y], [scale (W, n / W)
+  (when config.scale_in_smem: copied once per CTA)], [for W > 1:
+  common.RowTotals' scratch], the load barriers (W * stages) and [the
+  scale's barriers (W)]. With a residual, h = x + residual
   rounded to residual's dtype is written over the residual's buffer, and
   that is the row normalized; y is written over x's buffer when it has x's
   dtype (`y_in_place`).
@@ -62,6 +71,8 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   TMA.
   """
   refs = list(refs)
+  slices = config.warpgroups
+  wg = lax.axis_index("wg") if slices > 1 else 0
   x_gmem = refs.pop(0)
   r_gmem = refs.pop(0) if has_residual else None
   w_gmem = refs.pop(0) if has_scale else None
@@ -73,12 +84,21 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   r_smem = refs.pop(0) if has_residual else None
   y_smem = x_smem if y_in_place else refs.pop(0)
   w_smem = refs.pop(0) if has_scale and config.scale_in_smem else None
+  if slices > 1:
+    row_totals = common.RowTotals(refs, slices, wg, config.vec, interpret)
   barrier = refs.pop(0)
   w_barrier = refs.pop(0) if w_smem is not None else None
   assert not refs, refs
+  # Warpgroup wg's slice of every operand (the whole of it where W is 1).
+  x_smem, y_smem = x_smem.at[wg], y_smem.at[wg]
+  if r_smem is not None:
+    r_smem = r_smem.at[wg]
+  w_gmem, w_smem, inv_gmem = (None if ref is None else ref.at[wg]
+                              for ref in (w_gmem, w_smem, inv_gmem))
+  first_barrier = wg * config.stages
 
   rows, vec = config.block_rows, config.vec
-  chunks = common.Chunks(n, config.chunk_cols)
+  chunks = common.Chunks(n // slices, config.chunk_cols)
   cols = chunks.cols
   shape = (rows, cols)
   layout = common.chunk_layout(vec)
@@ -104,9 +124,38 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     return jnp.float32(offset) + columns_of(k, w_gmem, w_smem)
 
   def by_rows(values):
-    """A (rows,) vector of per-row values broadcast over a chunk."""
-    return common.with_layout(lax.broadcast_in_dim(values, shape, (0,)),
+    """A (rows,) vector of per-row values (a scalar, where W > 1) broadcast
+    over a chunk."""
+    dims = () if slices > 1 else (0,)
+    return common.with_layout(lax.broadcast_in_dim(values, shape, dims),
                               layout, interpret)
+
+  # Where W > 1, whole-row totals cross the warpgroups (common.RowTotals):
+  # the sum of squares (with max |x * scale| where the amax is folded into
+  # it), then, for a dynamic quant scale that is not, the amax of y.
+  handovers = 1 + (quant is not None and not quant.static
+                   and (round_normalized or has_residual))
+
+  def row_totals_of(parts, step, i):
+    """[(op, (rows, cols) chunk-wise values)] -> per-row totals: (rows,)
+    vectors, or scalars where W > 1."""
+    if slices == 1:
+      return [jnp.sum(v, axis=1) if op == "sum" else jnp.max(v, axis=1)
+              for op, v in parts]
+    # One row: the reduction over axis 0 takes none across warps.
+    return row_totals([(op, jnp.sum(v, axis=0) if op == "sum"
+                        else jnp.max(v, axis=0)) for op, v in parts],
+                      step * handovers + i)
+
+  def store_rows(start, values):
+    """rstd or the row scales of the block (warpgroup 0's, where W > 1)."""
+    if slices == 1:
+      common.store_rows(rstd_gmem, start, values)
+      return
+
+    @pl.when(wg == 0)
+    def _():
+      rstd_gmem[start] = values
 
   def tail_mask(value):
     """Zero the columns the tail shares with the chunk before it."""
@@ -114,7 +163,6 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     return jnp.where(col >= chunks.overlap, value, jnp.zeros_like(value))
 
   def compute(step, slot, start):
-    del step
     x_s = x_smem.at[slot]
     r_s = r_smem.at[slot] if r_smem is not None else None
     y_s = y_smem.at[slot]
@@ -153,18 +201,19 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
       return (sq, a) if acc is None else (acc[0] + sq, jnp.maximum(acc[1], a))
 
     acc = chunks.visit(squares)
+    parts = [("sum", acc[0] if fold_amax else acc)]
     if fold_amax:
-      acc, max_scaled = acc
+      parts.append(("max", acc[1]))
     if held:
       common.sync()
       io.put(r_s, chunks.tail_start, held.pop())
-    mean_sq = jnp.sum(acc, axis=1) / jnp.float32(n)
-    rstd = lax.rsqrt(mean_sq + jnp.float32(eps))
+    totals = row_totals_of(parts, step, 0)
+    rstd = lax.rsqrt(totals[0] / jnp.float32(n) + jnp.float32(eps))
     if rstd_gmem is not None and quant is None:
-      common.store_rows(rstd_gmem, start, rstd)
+      store_rows(start, rstd)
     if fold_amax:
       row_scale = quantize.dynamic_scale(quantize.amax_from_scaled(
-          jnp.max(max_scaled, axis=1), rstd), quant.dtype)
+          totals[1], rstd), quant.dtype)
     if r_s is not None:
       common.sync()  # h, written by every thread, is read back below.
     rstd = by_rows(rstd)
@@ -185,9 +234,9 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
         def amax_of(k, acc):
           a = quantize.abs_nan_as_inf(normalized(k))
           return a if acc is None else jnp.maximum(acc, a)
-        row_scale = quantize.dynamic_scale(
-            jnp.max(chunks.visit(amax_of), axis=1), quant.dtype)
-      common.store_rows(rstd_gmem, start, row_scale)
+        amax, = row_totals_of([("max", chunks.visit(amax_of))], step, 1)
+        row_scale = quantize.dynamic_scale(amax, quant.dtype)
+      store_rows(start, row_scale)
       inv = by_rows(jnp.float32(1) / row_scale)
 
     def codes(k, y):
@@ -220,16 +269,20 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
   blocks = common.Blocks(m, rows, ctas)
 
+  def gmem_rows(start):
+    """This warpgroup's slices of rows [start, start + rows)."""
+    return pl.ds(start * slices + wg, rows)
+
   def load_block(step, slot, start):
     del step
-    block = pl.ds(start, rows)
-    common.copy_in(x_gmem.at[block], x_smem.at[slot], barrier.at[slot])
+    block, arrive = gmem_rows(start), barrier.at[first_barrier + slot]
+    common.copy_in(x_gmem.at[block], x_smem.at[slot], arrive)
     if r_gmem is not None:
-      common.copy_in(r_gmem.at[block], r_smem.at[slot], barrier.at[slot])
+      common.copy_in(r_gmem.at[block], r_smem.at[slot], arrive)
 
   def store_block(step, slot, start):
     del step
-    block = pl.ds(start, rows)
+    block = gmem_rows(start)
     outs = [(y_smem, y_gmem)] + ([(r_smem, h_gmem)] if h_gmem is not None
                                  else [])
     for i, (src, dst) in enumerate(outs):
@@ -238,12 +291,18 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
   cta = lax.axis_index("ctas")
   if w_smem is not None:
-    common.copy_in(w_gmem, w_smem, w_barrier.at[0])
+    common.copy_in(w_gmem, w_smem, w_barrier.at[wg])
   common.pipeline(
       blocks, cta, config.stages, barrier, load=load_block, compute=compute,
-      store=store_block,
+      store=store_block, first_barrier=first_barrier,
       before_loop=(None if w_smem is None
-                   else lambda: plgpu.barrier_wait(w_barrier.at[0])))
+                   else lambda: plgpu.barrier_wait(w_barrier.at[wg])))
+
+
+def _row_totals(quant: Quant | None) -> int:
+  """Totals a split row hands over at once (common.RowTotals): the sum of
+  squares, and max |x * scale| for a dynamic quant scale (at most)."""
+  return 1 + (quant is not None and not quant.static)
 
 
 def forward(x: jax.Array, residual: jax.Array | None,
@@ -282,33 +341,54 @@ def forward(x: jax.Array, residual: jax.Array | None,
     scale = common.aligned_scale(scale)
   multiple = max(mosaic_config.row_multiple(n, jnp.dtype(d).itemsize)
                  for d in tiles[:1 + (residual is not None)])
+  # The operands of n columns read in chunks (the widest fixes vec), and
+  # every operand a split row cuts in slices (the static quant scale's
+  # reciprocal too).
+  chunked = [jnp.dtype(d).itemsize for d in tiles] + (
+      [] if scale is None else [scale.dtype.itemsize])
+  itemsizes = chunked + ([] if quant_inv is None else [4])
   if config is None:
+    slices, vec_itemsize = mosaic_config.row_slices(
+        "forward" if quant is None else "quant", n, max(chunked), max(chunked[:1 + (residual is not None)]),
+        itemsizes)
+    chunk_cols = mosaic_config.THREADS * mosaic_config.pick_vec(
+        n, vec_itemsize)
     config = mosaic_config.get_config(
-        n, n * sum(jnp.dtype(d).itemsize for d in tiles),
-        max(jnp.dtype(d).itemsize
-            for d in tiles + ([] if scale is None else [scale.dtype])),
-        0, multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
+        n, n * sum(jnp.dtype(d).itemsize for d in tiles), vec_itemsize,
+        common.RowTotals.smem_bytes(_row_totals(quant), slices, chunk_cols),
+        multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
         device_kind=platform.device_kind())
+    if slices > 1:
+      config = dataclasses.replace(config, block_rows=1, warpgroups=slices)
+  slices = config.warpgroups
+  if slices > 1:
+    mosaic_config.check_slices(n, slices, config.chunk_cols, itemsizes)
+  if scale is not None:  # Warpgroup w's slice is row w.
+    scale = scale.reshape(slices, -1)
   scale_in_smem = scale is not None and config.scale_in_smem
   config = config.for_rows(m, multiple, platform.sm_count())
   ctas = config.num_ctas(m, platform.sm_count())
   logger.debug("rms_norm mosaic forward: rows=%d n=%d dtype=%s residual=%s "
                "ctas=%d %s", m, n, x.dtype, residual is not None, ctas, config)
   rows = config.block_rows
-  args = [x.reshape(m, n)]
+  # Warpgroup w works on rows r * slices + w: its slice of row r (the whole
+  # row where slices is 1).
+  width = n // slices
+  args = [x.reshape(m * slices, width)]
   if residual is not None:
-    args.append(residual.reshape(m, n))
+    args.append(residual.reshape(m * slices, width))
   if scale is not None:
     args.append(scale)
   if quant_inv is not None:
-    args.append(quant_inv)
+    args.append(quant_inv.reshape(slices, width))
   like = (x, residual, scale)
-  out_type = [avals.out_struct((m, n), y_dtype, *like)]
+  out_type = [avals.out_struct((m * slices, width), y_dtype, *like)]
   if residual is not None:
-    out_type.append(avals.out_struct((m, n), residual.dtype, *like))
+    out_type.append(avals.out_struct((m * slices, width), residual.dtype,
+                                     *like))
   if save_rstd:
     out_type.append(avals.out_struct((m,), jnp.float32, *like))
-  stage = (config.stages, rows, n)
+  stage = (slices, config.stages, rows, width)
   scratch = [common.scratch(stage, x.dtype)]
   if residual is not None:
     scratch.append(common.scratch(stage, residual.dtype))
@@ -316,9 +396,13 @@ def forward(x: jax.Array, residual: jax.Array | None,
     scratch.append(common.scratch(stage, y_dtype))
   if scale_in_smem:
     scratch.append(common.scratch(scale.shape, scale.dtype))
-  scratch.append(common.barriers(config.stages, 1 + (residual is not None)))
+  if slices > 1:
+    scratch += common.RowTotals.scratch_types(_row_totals(quant), slices,
+                                              config.chunk_cols)
+  scratch.append(common.barriers(slices * config.stages,
+                                 1 + (residual is not None)))
   if scale_in_smem:
-    scratch.append(common.barriers(1, 1))
+    scratch.append(common.barriers(slices, 1))
   kernel = functools.partial(
       _forward_kernel, m=m, n=n, config=config, ctas=ctas, eps=epsilon,
       offset=scale_offset, has_residual=residual is not None,
@@ -326,8 +410,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
       round_normalized=cast_order == "hf", y_in_place=y_in_place,
       quant=quant, interpret=bool(interpret))
   outs = common.launch(kernel, name=KERNEL_NAME, out_type=out_type,
-                       scratch_types=scratch, ctas=ctas,
-                       interpret=interpret)(*args)
+                       scratch_types=scratch, ctas=ctas, interpret=interpret,
+                       warpgroups=slices)(*args)
   outs = list(outs)
   y = outs.pop(0).reshape(x.shape)
   h = outs.pop(0).reshape(x.shape) if residual is not None else None

@@ -1,0 +1,138 @@
+"""The Mosaic forward with each row split between 1, 2 or 4 warpgroups
+(`Config.warpgroups`, `mosaic_config.row_slices`) against the Triton
+forward, XLA and the copy ceiling (H200 sweep).
+
+For every shape and every split the rows allow, the forward's own
+configuration for that split (the measured table replaced by a forced
+choice) is checked against the float64 oracle on the full batch, then all
+of them are timed in alternating rounds, beside `rms_norm` with
+implementation="triton" and "xla" and the copy ceiling of the same bytes
+(`bench.copy_ceiling`). With `--quant`, the dynamic float8 output
+(`rms_norm_quantized`) is timed the same way. Results go to a JSON file.
+
+  python -m benchmarks.mosaic_forward_slices --out slices.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+
+import jax_rmsnorm
+from jax_rmsnorm._src import bench
+from jax_rmsnorm._src import testing
+from jax_rmsnorm._src.mosaic import common
+from jax_rmsnorm._src.mosaic import config as mosaic_config
+from jax_rmsnorm._src.mosaic import forward as mosaic_forward
+from jax_rmsnorm._src.mosaic import quantize as mosaic_quantize
+
+SHAPES = [(4096, 14336, "bfloat16"), (16384, 8192, "bfloat16"),
+          (8192, 5120, "bfloat16"), (32768, 4096, "bfloat16"),
+          (4096, 14336, "float32"), (16384, 8192, "float32"),
+          (8192, 5120, "float32")]
+EPS = 1e-6
+ROUNDS = 3
+
+
+def _forced(warpgroups: int):
+  """A context in which the forward splits rows in `warpgroups` wherever
+  they split (1: never, with the unsplit rows' chunks; JSON files of
+  earlier runs forced 1 through the table, which reads bf16 rows in
+  float32-sized chunks as split rows do)."""
+  table = {} if warpgroups == 1 else {2: ((0, warpgroups),),
+                                      4: ((0, warpgroups),)}
+  return mock.patch.dict(mosaic_config.ROW_SLICES,
+                         {"forward": table, "quant": table})
+
+
+def _config(fn, *args) -> mosaic_config.Config:
+  """The configuration `fn(*args)` launches the Mosaic forward with."""
+  with mock.patch.object(common, "launch", wraps=common.launch) as launch:
+    jax.eval_shape(fn, *args)
+  return launch.call_args.args[0].keywords["config"]
+
+
+def run_shape(m: int, n: int, dtype: str, quant: bool,
+              iterations: int) -> dict:
+  x, scale = testing.random_inputs(1, (m, n), dtype)
+  ref = testing.oracle(x, scale)
+  row = {"m": m, "n": n, "dtype": dtype, "configs": {}}
+  fwd, qfwd = {}, {}
+  for w in (1, 2, 4):
+    with _forced(w):
+      base = _config(functools.partial(
+          mosaic_forward.forward, epsilon=EPS, scale_offset=0.0), x, None,
+                     scale)
+      if base.warpgroups != w:
+        continue  # The rows do not split in w.
+      row["configs"][f"w{w}"] = str(base)
+      fn = jax.jit(functools.partial(mosaic_forward.forward, epsilon=EPS,
+                                     scale_offset=0.0, config=base))
+      excess = testing.worst_excess(fn(x, None, scale).y, ref, dtype, n)[0]
+      row[f"w{w}_excess"] = float(excess)
+      fwd[f"w{w}"] = lambda x, s, fn=fn: fn(x, None, s).y
+      if quant:
+        qcfg = _config(functools.partial(
+            mosaic_quantize.forward, epsilon=EPS, scale_offset=0.0,
+            quant_dtype="float8_e4m3fn"), x, None, scale, None)
+        row["configs"][f"quant_w{w}"] = str(qcfg)
+        qfn = jax.jit(functools.partial(
+            mosaic_quantize.forward, epsilon=EPS, scale_offset=0.0,
+            quant_dtype="float8_e4m3fn", config=qcfg))
+        qfwd[f"quant_w{w}"] = lambda x, s, fn=qfn: fn(x, None, s, None)[:2]
+  for impl in ("triton", "xla"):
+    fwd[impl] = jax.jit(functools.partial(jax_rmsnorm.rms_norm,
+                                          implementation=impl))
+    if quant:
+      qfwd[f"quant_{impl}"] = jax.jit(functools.partial(
+          jax_rmsnorm.rms_norm_quantized, quant_dtype="float8_e4m3fn",
+          implementation=impl))
+  row.update(bench.copy_ceiling(m, n, dtype, iterations=iterations))
+  times = {}
+  for _ in range(ROUNDS):  # Alternate, so that drift hits every variant.
+    for name, fn in {**fwd, **qfwd}.items():
+      times.setdefault(name, []).append(
+          bench.measure_us(fn, x, scale, iterations=iterations))
+  for key, values in times.items():
+    row[f"{key}_us"] = statistics.median(values)
+    row[f"{key}_runs"] = values
+  for key in fwd:
+    row[f"{key}_pct_copy"] = 100 * row["copy_us"] / row[f"{key}_us"]
+  return row
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.mosaic_forward_slices", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--iterations", type=int, default=30)
+  parser.add_argument("--quant", action="store_true",
+                      help="also the dynamic float8 output")
+  parser.add_argument("--shape", nargs=3, action="append",
+                      metavar=("M", "N", "DTYPE"),
+                      help="a shape to run instead of the list (repeat)")
+  args = parser.parse_args(argv)
+  shapes = ([(int(m), int(n), d) for m, n, d in args.shape] if args.shape
+            else SHAPES)
+  result = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "timer": bench.timer(), "rows": []}
+  for m, n, dtype in shapes:
+    row = run_shape(m, n, dtype, args.quant, args.iterations)
+    result["rows"].append(row)
+    print(json.dumps({k: v for k, v in row.items()
+                      if not k.endswith("_runs")}), flush=True)
+    if args.out:  # After every shape, so a run cut short keeps its rows.
+      with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
