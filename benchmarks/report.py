@@ -44,7 +44,9 @@ def markdown(json_path: str) -> str:
              f"{r['xla_us']:.1f}"]
     for impl in impls:
       if r.get(impl + "_us") is None:
-        cells += ["refused", "", "", ""] + ([""] if checked else [])
+        ran = impl in bench.row_implementations(r)
+        cells += ["refused" if ran else "not run", "", "", ""] + (
+            [""] if checked else [])
         continue
       cells += [f"{r[impl + '_us']:.1f}", f"{r[impl + '_gbps']:.0f}",
                 f"{r[impl + '_pct_copy']:.1f}",
@@ -59,6 +61,8 @@ def markdown(json_path: str) -> str:
       f"{data.get('op', 'forward')} on {data['card']}, JAX {data['jax']}, "
       f"{data.get('timer', 'CUPTI')} median of {data['iterations']}; copy: "
       f"{copy}; bytes: {data.get('bytes_moved', 'see bench.py')}.")
+  if data.get("merged"):
+    lines.append(f"Rows merged from two runs: {data['merged']}.")
   for impl, s in _summaries(data).items():
     lines.append(
         f"{impl}: geomean XLA/{impl} {s['geomean_xla_over_impl']:.3f}; "

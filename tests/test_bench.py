@@ -105,3 +105,40 @@ def test_report_reads_the_recorded_h100_results(capsys):
   assert report.main(
       [str(results / "backward_NVIDIA_H100_80GB_HBM3.json")]) == 0
   assert "| bfloat16 | 32768 x 4096 |" in capsys.readouterr().out
+
+
+def test_records_merged_from_two_runs_tell_not_run_from_refused(capsys,
+                                                                tmp_path):
+  """A record whose rows come from runs with different implementations
+  (the H200 quant records): a row that never ran mosaic is "not run", one
+  that ran and has no time refused it, and the summary counts only the
+  latter; the speed table sees mosaic on the rows that ran it."""
+  def row(n, impls, mosaic_us):
+    r = dict(op="quant", m=4096, n=n, dtype="float32",
+             implementations=" ".join(impls), copy_us=1.0, xla_us=2.0,
+             triton_us=1.0, triton_gbps=1.0, triton_pct_copy=50.0,
+             triton_xla_ratio=2.0, triton_error_over_bound=0.5,
+             triton_ok=True)
+    if "mosaic" in impls and mosaic_us is not None:
+      r.update(mosaic_us=mosaic_us, mosaic_gbps=1.0, mosaic_pct_copy=50.0,
+               mosaic_xla_ratio=2.0 / mosaic_us,
+               mosaic_error_over_bound=0.5, mosaic_ok=True)
+    return r
+  rows = [row(4096, ["xla", "triton"], None),
+          row(8192, ["xla", "triton", "mosaic"], 0.5),
+          row(4099, ["xla", "triton", "mosaic"], None)]
+  assert bench.implementations_of(rows) == ["triton", "mosaic"]
+  summary = bench.summaries(rows)["mosaic"]
+  assert summary["refused"] == 1 and summary["geomean_xla_over_impl"] == 4.0
+  path = tmp_path / "quant_merged.json"
+  path.write_text(json.dumps(dict(op="quant", card="card", jax="0", rows=rows,
+                                  iterations=1, merged="two runs",
+                                  summaries=bench.summaries(rows))))
+  assert report.main([str(path)]) == 0
+  text = capsys.readouterr().out
+  lines = {l.split("|")[2].strip(): l for l in text.splitlines()
+           if l.startswith("| float32")}
+  assert "not run" in lines["4096 x 4096"]
+  assert "refused" in lines["4096 x 4099"]
+  assert "not run" not in lines["4096 x 8192"]
+  assert "merged from two runs" in text

@@ -610,6 +610,32 @@ def test_split_rows_lower_for_cuda(_split_rows, warpgroups):
                          mosaic_quantize.KERNEL_NAME)
 
 
+@pytest.mark.usefixtures("_sm90_grid")
+def test_default_quantized_output_of_large_float32_rows_is_mosaic(
+    monkeypatch):
+  """The speed table runs the Mosaic kernel for the dynamic scale of large
+  aligned float32 rows (with and without a residual: one entry), Triton's
+  for bf16 and for unaligned rows (benchmarks/results/
+  speed_table_h200.log): one custom call, the chosen kernel's."""
+  monkeypatch.setattr(platform, "compute_capability", lambda: 9.0)
+  fn = functools.partial(jax_rmsnorm.rms_norm_quantized,
+                         quant_dtype="float8_e4m3fn")
+  for shape, dtype, name in [((4096, 4096), "float32", "mosaic"),
+                             ((4096, 4099), "float32", "triton"),
+                             ((4096, 4096), "bfloat16", "triton")]:
+    x = _struct(shape, dtype)
+    scale = _struct(shape[-1:], dtype)
+    for residual in (None, x):
+      text = _lower_for_cuda(lambda x, r, s: fn(x, s, residual=r), x,
+                             residual, scale)
+      calls = [l for l in text.splitlines() if "custom_call" in l]
+      assert len(calls) == 1, (shape, dtype, calls)
+      kernel = (mosaic_quantize.KERNEL_NAME if name == "mosaic"
+                else "jax_rmsnorm")
+      assert kernel in calls[0] and (
+          ("mosaic_gpu" in calls[0]) == (name == "mosaic")), calls[0][:200]
+
+
 def test_quantized_refuses_unaligned_codes():
   with pytest.raises(NotImplementedError, match="multiple of 16"):
     mosaic_quantize.check_supported(64, 1000, "float8_e4m3fn")

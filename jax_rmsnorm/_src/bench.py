@@ -120,8 +120,6 @@ def quant_bytes(op: str):
 OP_BYTES = {"forward": forward_bytes, "backward": backward_bytes,
             "add": add_bytes, "step": step_bytes,
             **{op: quant_bytes(op) for op in OPS if op.startswith("quant")}}
-# The kernel families with a quantized kernel.
-QUANT_IMPLEMENTATIONS = ("triton", "auto")
 # The quantized ops' output dtype and static scale.
 QUANT_DTYPE = "float8_e4m3fn"
 QUANT_STATIC_SCALE = 0.01
@@ -386,12 +384,24 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
 
 
 def implementations_of(rows: list[dict]) -> list[str]:
-  """The implementations timed beside XLA in benchmark rows (new rows name
-  them; older records have <name>_xla_ratio columns)."""
-  if rows and "implementations" in rows[0]:
-    return [name for name in rows[0]["implementations"].split()
-            if name != "xla"]
-  return [key[:-len("_xla_ratio")] for key in (rows[0] if rows else {})
+  """The implementations timed beside XLA in benchmark rows, in order of
+  appearance (new rows name them, and a record merged from two runs may
+  hold rows that name different ones; older records have
+  <name>_xla_ratio columns)."""
+  names = []
+  for row in rows:
+    for name in row_implementations(row):
+      if name != "xla" and name not in names:
+        names.append(name)
+  return names
+
+
+def row_implementations(row: dict) -> list[str]:
+  """The implementations one benchmark row ran (XLA included where named):
+  one that ran and has no time refused the shape."""
+  if "implementations" in row:
+    return row["implementations"].split()
+  return [key[:-len("_xla_ratio")] for key in row
           if key.endswith("_xla_ratio")]
 
 
@@ -465,7 +475,8 @@ def check_quantized(shape, dtype: str, *,
 def summarize(rows: list[dict], impl: str = "triton") -> dict:
   """The issue's bars for one implementation over the shapes it ran:
   worst slowdown, geometric mean, copy % of the large shapes, numerics;
-  and how many shapes it refused."""
+  and how many shapes it refused (of those it was asked to run)."""
+  rows = [r for r in rows if impl in row_implementations(r)]
   refused = sum(r.get(f"{impl}_us") is None for r in rows)
   rows = [r for r in rows if r.get(f"{impl}_us") is not None]
   if not rows:
