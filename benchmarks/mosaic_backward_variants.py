@@ -26,16 +26,15 @@ removed.)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import statistics
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import sweep
 from jax_rmsnorm._src import bench
 from jax_rmsnorm._src import reference
 from jax_rmsnorm._src import testing
@@ -109,29 +108,12 @@ def run_shape(m: int, n: int, dtype: str, scale_dtype: str,
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.mosaic_backward_variants", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default=None)
-  parser.add_argument("--iterations", type=int, default=30)
-  parser.add_argument("--shape", nargs=3, action="append",
-                      metavar=("M", "N", "DTYPE"),
-                      help="a shape to run instead of the list (repeat)")
-  parser.add_argument("--scale-dtype", default="float32")
-  args = parser.parse_args(argv)
-  shapes = ([(int(m), int(n), d) for m, n, d in args.shape] if args.shape
-            else SHAPES)
-  result = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "timer": bench.timer(), "rows": []}
-  for m, n, dtype in shapes:
-    row = run_shape(m, n, dtype, args.scale_dtype, args.iterations)
-    result["rows"].append(row)
-    print(json.dumps({k: v for k, v in row.items()
-                      if not k.endswith("_runs")}), flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
-  return 0
+  return sweep.main(
+      argv, prog="python -m benchmarks.mosaic_backward_variants",
+      doc=__doc__, shapes=SHAPES, run_shape=run_shape,
+      add_arguments=lambda p: p.add_argument("--scale-dtype",
+                                             default="float32"),
+      options=lambda args: dict(scale_dtype=args.scale_dtype))
 
 
 if __name__ == "__main__":

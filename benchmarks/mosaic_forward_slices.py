@@ -15,9 +15,7 @@ implementation="triton" and "xla" and the copy ceiling of the same bytes
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import statistics
 from unittest import mock
 
@@ -25,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_rmsnorm
+from benchmarks import sweep
 from jax_rmsnorm._src import bench
 from jax_rmsnorm._src import testing
 from jax_rmsnorm._src.mosaic import common
@@ -108,30 +107,13 @@ def run_shape(m: int, n: int, dtype: str, quant: bool,
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.mosaic_forward_slices", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default=None)
-  parser.add_argument("--iterations", type=int, default=30)
-  parser.add_argument("--quant", action="store_true",
-                      help="also the dynamic float8 output")
-  parser.add_argument("--shape", nargs=3, action="append",
-                      metavar=("M", "N", "DTYPE"),
-                      help="a shape to run instead of the list (repeat)")
-  args = parser.parse_args(argv)
-  shapes = ([(int(m), int(n), d) for m, n, d in args.shape] if args.shape
-            else SHAPES)
-  result = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "timer": bench.timer(), "rows": []}
-  for m, n, dtype in shapes:
-    row = run_shape(m, n, dtype, args.quant, args.iterations)
-    result["rows"].append(row)
-    print(json.dumps({k: v for k, v in row.items()
-                      if not k.endswith("_runs")}), flush=True)
-    if args.out:  # After every shape, so a run cut short keeps its rows.
-      with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-  return 0
+  return sweep.main(
+      argv, prog="python -m benchmarks.mosaic_forward_slices", doc=__doc__,
+      shapes=SHAPES, run_shape=run_shape,
+      add_arguments=lambda p: p.add_argument(
+          "--quant", action="store_true",
+          help="also the dynamic float8 output"),
+      options=lambda args: dict(quant=args.quant))
 
 
 if __name__ == "__main__":

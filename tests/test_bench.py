@@ -142,3 +142,27 @@ def test_records_merged_from_two_runs_tell_not_run_from_refused(capsys,
   assert "refused" in lines["4096 x 4099"]
   assert "not run" not in lines["4096 x 8192"]
   assert "merged from two runs" in text
+
+
+def test_sweep_command_line_runs_each_shape_and_writes_them(tmp_path,
+                                                            capsys):
+  """benchmarks/sweep.py, the H200 variant sweeps' shared command line."""
+  from benchmarks import sweep
+  seen = []
+
+  def run_shape(m, n, dtype, *, iterations, flag):
+    seen.append((m, n, dtype, iterations, flag))
+    return dict(m=m, n=n, dtype=dtype, us=1.0, us_runs=[1.0, 1.0])
+
+  out = tmp_path / "sweep.json"
+  assert sweep.main(
+      ["--shape", "4", "128", "float32", "--shape", "2", "256", "bfloat16",
+       "--iterations", "3", "--flag", "--out", str(out)], prog="sweep",
+      doc="", shapes=[(1, 1, "float32")], run_shape=run_shape,
+      add_arguments=lambda p: p.add_argument("--flag", action="store_true"),
+      options=lambda args: dict(flag=args.flag)) == 0
+  assert seen == [(4, 128, "float32", 3, True), (2, 256, "bfloat16", 3, True)]
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["n"] for r in rows] == [128, 256] and "us_runs" in rows[0]
+  printed = capsys.readouterr().out.splitlines()
+  assert len(printed) == 2 and "us_runs" not in printed[0]

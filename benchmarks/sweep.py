@@ -1,0 +1,45 @@
+"""The command line the H200 variant sweeps share (`mosaic_forward_slices`,
+`mosaic_backward_variants`): a list of shapes or --shape, one row per
+shape printed as JSON as it lands, and the whole run in --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable
+
+import jax
+
+from jax_rmsnorm._src import bench
+
+
+def main(argv, *, prog: str, doc: str, shapes, run_shape: Callable[..., dict],
+         add_arguments: Callable[[argparse.ArgumentParser], None] = None,
+         options: Callable[[argparse.Namespace], dict] = None) -> int:
+  """run_shape(m, n, dtype, iterations=..., **options(args)) -> a row, for
+  each shape; `add_arguments` adds the sweep's own flags."""
+  parser = argparse.ArgumentParser(
+      prog=prog, description=doc,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--iterations", type=int, default=30)
+  parser.add_argument("--shape", nargs=3, action="append",
+                      metavar=("M", "N", "DTYPE"),
+                      help="a shape to run instead of the list (repeat)")
+  if add_arguments is not None:
+    add_arguments(parser)
+  args = parser.parse_args(argv)
+  todo = ([(int(m), int(n), d) for m, n, d in args.shape] if args.shape
+          else shapes)
+  kwargs = options(args) if options is not None else {}
+  result = {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "timer": bench.timer(), "rows": []}
+  for m, n, dtype in todo:
+    row = run_shape(m, n, dtype, iterations=args.iterations, **kwargs)
+    result["rows"].append(row)
+    print(json.dumps({k: v for k, v in row.items()
+                      if not k.endswith("_runs")}), flush=True)
+    if args.out:  # After every shape, so a run cut short keeps its rows.
+      with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+  return 0
