@@ -319,15 +319,17 @@ class RowTotals:
   (over its chunks, in registers; a kernel that splits rows reads chunks of
   at least mosaic_config.HANDOVER_ITEMSIZE); the others hand theirs to
   warpgroup 0 through shared memory, which combines the W vectors in the
-  order of w, reduces them to one scalar and hands it back. Pallas gives every reduction across
-  warps one scratch buffer at one offset: warpgroups reducing at once would
-  race on it, so only warpgroup 0 does. Buffers and barriers come in two
-  sets used alternately (`index`, counted over the kernel's handovers):
-  warpgroup 0 has read handover i - 2's vectors before any warpgroup can
-  write handover i's, and they have read its totals.
+  order of w, reduces them to one scalar and hands it back. Pallas gives
+  every reduction across warps one scratch buffer at one offset:
+  warpgroups reducing at once would race on it, so only warpgroup 0 does.
+  Buffers and barriers come in two sets used alternately (`index`, counted
+  over the kernel's handovers): warpgroup 0 has read handover i - 2's
+  vectors before any warpgroup can write handover i's, and they have read
+  its totals.
   """
 
   _REDUCE = {"sum": (jnp.add, jnp.sum), "max": (jnp.maximum, jnp.max)}
+
   def __init__(self, refs: list, slices: int, wg, vec: int,
                interpret: bool):
     """Pops its scratch refs (`scratch_types`' order) off `refs`; the
