@@ -32,7 +32,6 @@ import statistics
 from unittest import mock
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import sweep
 from jax_rmsnorm._src import bench
@@ -47,16 +46,6 @@ EPS = 1e-6
 ROUNDS = 3
 
 
-def _default_config(x, dy, scale, rstd) -> mosaic_config.Config:
-  """The configuration the backward picks (the one it launches with)."""
-  with mock.patch.object(mosaic_backward.common, "launch",
-                         wraps=mosaic_backward.common.launch) as launch:
-    jax.eval_shape(functools.partial(mosaic_backward.backward,
-                                     scale_offset=0.0), x, dy, None, scale,
-                   rstd)
-  return launch.call_args.args[0].keywords["config"]
-
-
 def _without_held_scale():
   """A context in which the heuristic never holds the scale."""
   return mock.patch.object(mosaic_config, "backward_scale_in_registers",
@@ -69,7 +58,8 @@ def run_shape(m: int, n: int, dtype: str, scale_dtype: str,
   dy = testing.random_inputs(2, (m, n), dtype)[0]
   rstd = reference.forward(x, None, scale, epsilon=EPS, scale_offset=0.0,
                            save_rstd=True).rstd
-  base = _default_config(x, dy, scale, rstd)
+  base = sweep.launched_config(functools.partial(
+      mosaic_backward.backward, scale_offset=0.0), x, dy, None, scale, rstd)
   variants = {"default": base}
   if base.warpgroups > 1 and not base.scale_in_smem:
     variants["scale_held" if not base.scale_in_registers

@@ -20,13 +20,11 @@ import statistics
 from unittest import mock
 
 import jax
-import jax.numpy as jnp
 
 import jax_rmsnorm
 from benchmarks import sweep
 from jax_rmsnorm._src import bench
 from jax_rmsnorm._src import testing
-from jax_rmsnorm._src.mosaic import common
 from jax_rmsnorm._src.mosaic import config as mosaic_config
 from jax_rmsnorm._src.mosaic import forward as mosaic_forward
 from jax_rmsnorm._src.mosaic import quantize as mosaic_quantize
@@ -50,13 +48,6 @@ def _forced(warpgroups: int):
                          {"forward": table, "quant": table})
 
 
-def _config(fn, *args) -> mosaic_config.Config:
-  """The configuration `fn(*args)` launches the Mosaic forward with."""
-  with mock.patch.object(common, "launch", wraps=common.launch) as launch:
-    jax.eval_shape(fn, *args)
-  return launch.call_args.args[0].keywords["config"]
-
-
 def run_shape(m: int, n: int, dtype: str, quant: bool,
               iterations: int) -> dict:
   x, scale = testing.random_inputs(1, (m, n), dtype)
@@ -65,7 +56,7 @@ def run_shape(m: int, n: int, dtype: str, quant: bool,
   fwd, qfwd = {}, {}
   for w in (1, 2, 4):
     with _forced(w):
-      base = _config(functools.partial(
+      base = sweep.launched_config(functools.partial(
           mosaic_forward.forward, epsilon=EPS, scale_offset=0.0), x, None,
                      scale)
       if base.warpgroups != w:
@@ -77,7 +68,7 @@ def run_shape(m: int, n: int, dtype: str, quant: bool,
       row[f"w{w}_excess"] = float(excess)
       fwd[f"w{w}"] = lambda x, s, fn=fn: fn(x, None, s).y
       if quant:
-        qcfg = _config(functools.partial(
+        qcfg = sweep.launched_config(functools.partial(
             mosaic_quantize.forward, epsilon=EPS, scale_offset=0.0,
             quant_dtype="float8_e4m3fn"), x, None, scale, None)
         row["configs"][f"quant_w{w}"] = str(qcfg)

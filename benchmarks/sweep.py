@@ -1,5 +1,6 @@
-"""The command line the H200 variant sweeps share (`mosaic_forward_slices`,
-`mosaic_backward_variants`): a list of shapes or --shape, one row per
+"""What the H200 variant sweeps share (`mosaic_forward_slices`,
+`mosaic_backward_variants`): the configuration a Mosaic kernel launches
+with, and the command line: a list of shapes or --shape, one row per
 shape printed as JSON as it lands, and the whole run in --out."""
 
 from __future__ import annotations
@@ -7,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 from typing import Callable
+from unittest import mock
 
 import jax
 
 from jax_rmsnorm._src import bench
+from jax_rmsnorm._src.mosaic import common
 
 
 def main(argv, *, prog: str, doc: str, shapes, run_shape: Callable[..., dict],
@@ -43,3 +46,11 @@ def main(argv, *, prog: str, doc: str, shapes, run_shape: Callable[..., dict],
       with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
   return 0
+
+
+def launched_config(fn, *args):
+  """The Mosaic configuration `fn(*args)` launches its kernel with (traced
+  only, nothing runs)."""
+  with mock.patch.object(common, "launch", wraps=common.launch) as launch:
+    jax.eval_shape(fn, *args)
+  return launch.call_args.args[0].keywords["config"]

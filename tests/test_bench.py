@@ -166,3 +166,10 @@ def test_sweep_command_line_runs_each_shape_and_writes_them(tmp_path,
   assert [r["n"] for r in rows] == [128, 256] and "us_runs" in rows[0]
   printed = capsys.readouterr().out.splitlines()
   assert len(printed) == 2 and "us_runs" not in printed[0]
+  # The configuration a Mosaic kernel launches with, traced only.
+  from jax_rmsnorm._src.mosaic import forward as mosaic_forward
+  config = sweep.launched_config(
+      functools.partial(mosaic_forward.forward, epsilon=1e-6,
+                        scale_offset=0.0),
+      jax.ShapeDtypeStruct((64, 14336), jnp.bfloat16), None, None)
+  assert config.warpgroups == 4 and config.block_rows == 1

@@ -328,7 +328,8 @@ class RowTotals:
   its totals.
   """
 
-  _REDUCE = {"sum": (jnp.add, jnp.sum), "max": (jnp.maximum, jnp.max)}
+  # op -> (combine two vectors, reduce one along an axis).
+  REDUCE = {"sum": (jnp.add, jnp.sum), "max": (jnp.maximum, jnp.max)}
 
   def __init__(self, refs: list, slices: int, wg, vec: int,
                interpret: bool):
@@ -372,7 +373,7 @@ class RowTotals:
     def _():
       plgpu.barrier_wait(self.ready.at[parity])
       for i, (op, part) in enumerate(parts):
-        combine, reduce = self._REDUCE[op]
+        combine, reduce = self.REDUCE[op]
         total = part
         for w in range(1, self.slices):
           total = combine(total, load(self.vectors.at[parity, w - 1, i],

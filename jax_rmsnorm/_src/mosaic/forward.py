@@ -130,21 +130,27 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     return common.with_layout(lax.broadcast_in_dim(values, shape, dims),
                               layout, interpret)
 
+  # A dynamic quant scale in the default cast order, without a residual,
+  # takes its amax from max |x * scale|, reduced in the first pass beside
+  # the sum of squares, times rstd (quantize.amax_from_scaled; on an H200
+  # bf16 32768 x 4096 took 107.5 us against 124.4 with a pass for the amax,
+  # 65536 x 896 64.6 against 69.2; with a residual 239.4 against 230.9);
+  # otherwise a pass between the two reduces the amax of y.
+  dynamic = quant is not None and not quant.static
+  fold_amax = dynamic and not round_normalized and not has_residual
   # Where W > 1, whole-row totals cross the warpgroups (common.RowTotals):
-  # the sum of squares (with max |x * scale| where the amax is folded into
-  # it), then, for a dynamic quant scale that is not, the amax of y.
-  handovers = 1 + (quant is not None and not quant.static
-                   and (round_normalized or has_residual))
+  # the sum of squares (and max |x * scale|, folded), then the unfolded
+  # amax of y.
+  handovers = 1 + (dynamic and not fold_amax)
 
   def row_totals_of(parts, step, i):
     """[(op, (rows, cols) chunk-wise values)] -> per-row totals: (rows,)
     vectors, or scalars where W > 1."""
+    reduce = lambda op, v, axis: common.RowTotals.REDUCE[op][1](v, axis=axis)
     if slices == 1:
-      return [jnp.sum(v, axis=1) if op == "sum" else jnp.max(v, axis=1)
-              for op, v in parts]
+      return [reduce(op, v, 1) for op, v in parts]
     # One row: the reduction over axis 0 takes none across warps.
-    return row_totals([(op, jnp.sum(v, axis=0) if op == "sum"
-                        else jnp.max(v, axis=0)) for op, v in parts],
+    return row_totals([(op, reduce(op, v, 0)) for op, v in parts],
                       step * handovers + i)
 
   def store_rows(start, values):
@@ -174,14 +180,8 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     y_over_x = y_in_place and r_s is None
 
     # Pass 1: the sum of squares of each row (and h, with a residual),
-    # elementwise over the chunks, then one reduction per row; for a dynamic
-    # quant scale in the default cast order, without a residual, also
-    # max |x * scale|, whose product with rstd is the amax
-    # (quantize.amax_from_scaled; on an H200 bf16 32768 x 4096 took 107.5
-    # us against 124.4 with a pass for the amax, 65536 x 896 64.6 against
-    # 69.2; with a residual 239.4 against 230.9).
-    fold_amax = (quant is not None and not quant.static
-                 and not round_normalized and r_s is None)
+    # elementwise over the chunks, then one reduction per row; with
+    # fold_amax, also max |x * scale|.
     def squares(k, acc):
       v = io.get(x_s, chunks.start(k))
       if r_s is not None:
@@ -228,7 +228,7 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
         y = y * scale_of(k)
       return y
 
-    if quant is not None and not quant.static:
+    if dynamic:
       if not fold_amax:
         # Each row's amax (the tail's repeated columns change no maximum).
         def amax_of(k, acc):
