@@ -173,3 +173,24 @@ def test_sweep_command_line_runs_each_shape_and_writes_them(tmp_path,
                         scale_offset=0.0),
       jax.ShapeDtypeStruct((64, 14336), jnp.bfloat16), None, None)
   assert config.warpgroups == 4 and config.block_rows == 1
+
+
+def test_mosaic_forward_configs_variants_fit_and_keep_the_arithmetic():
+  """benchmarks/mosaic_forward_configs.py: every variant holds two stages
+  or more in the shared memory of its CTAs, keeps vec and the warpgroups
+  (a row's arithmetic), and the heuristic's own launch is among them."""
+  from benchmarks import mosaic_forward_configs as configs
+  from jax_rmsnorm._src.mosaic import config as mosaic_config
+  base = mosaic_config.Config(vec=8, block_rows=3, stages=3, ctas_per_sm=2)
+  row_bytes, fixed = 3072 * 3, 3072 * 2
+  found = configs.variants(base, row_bytes, fixed)
+  assert found["base"] == base and len(found) > 8
+  for name, c in found.items():
+    assert c.vec == base.vec and c.warpgroups == 1 and c.stages >= 2
+    assert c.block_rows in (1, 2, 3, 4)
+    assert (c.stages * c.block_rows * row_bytes + fixed
+            <= mosaic_config.smem_budget(c.ctas_per_sm)), name
+  assert "c3_b3_s2" in found  # the base's block at other CTA counts
+  split = mosaic_config.Config(vec=4, block_rows=1, stages=2, warpgroups=2)
+  assert {c.block_rows for c in configs.variants(
+      split, 14336 * 3, 14336 * 2).values()} == {1}
