@@ -31,6 +31,7 @@ from jax_rmsnorm._src.mosaic import common
 from jax_rmsnorm._src.mosaic import config as mosaic_config
 from jax_rmsnorm._src.mosaic import forward as mosaic_forward
 from jax_rmsnorm._src.mosaic import quantize as mosaic_quantize
+from benchmarks import sweep
 from tests import test_quantize
 from tests.test_lowering import _abstract_h100
 
@@ -490,6 +491,31 @@ def test_config_is_a_function_of_the_row():
   assert not held(split, 9, 4)  # chunks in a loop
   assert not held(dataclasses.replace(split, scale_in_smem=True), 7, 4)
   assert not held(dataclasses.replace(split, warpgroups=1), 7, 4)
+
+
+@pytest.mark.usefixtures("_sm90_grid")
+def test_dynamic_quantized_output_launches_more_ctas():
+  """The quantized output whose amax is folded into the first pass tries 4,
+  then 3 CTAs an SM of two stages first (`mosaic_config._CTAS_FIRST`,
+  measured faster); a static scale, a residual and the plain forward keep
+  two CTAs of three stages."""
+  x = jax.ShapeDtypeStruct((32768, 4096), jnp.bfloat16)
+  scale = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
+  launched = lambda fn, *args, **kw: sweep.launched_config(
+      functools.partial(fn, epsilon=EPS, scale_offset=0.0, **kw), *args)
+  quant = functools.partial(mosaic_quantize.forward,
+                            quant_dtype=jnp.float8_e4m3fn)
+  place = lambda c: (c.ctas_per_sm, c.block_rows, c.stages)
+  assert place(launched(quant, x, None, scale, None)) == (3, 2, 2)
+  narrow = jax.ShapeDtypeStruct((65536, 896), jnp.bfloat16)
+  assert place(launched(quant, narrow, None,
+                        jax.ShapeDtypeStruct((896,), jnp.bfloat16),
+                        None)) == (4, 8, 2)
+  static = jax.ShapeDtypeStruct((), jnp.float32)
+  assert place(launched(quant, x, None, scale, static)) == (2, 2, 3)
+  assert place(launched(quant, x, x, scale, None))[0] == 2
+  assert place(launched(quant, x, None, scale, None, cast_order="hf"))[0] == 2
+  assert place(launched(mosaic_forward.forward, x, None, scale)) == (2, 4, 3)
 
 
 # ---------------------------------------------------------------------------

@@ -266,9 +266,26 @@ def smem_budget(ctas_per_sm: int) -> int:
   return min(per_cta, SMEM_PER_CTA) - SMEM_RESERVED
 
 
+# (ctas_per_sm, min_stages, scale_in_smem, dh_in_smem) that get_config tries
+# first where asked (`ctas_first`): the quantized output with a dynamic
+# scale whose amax is folded into the first pass. On an H200 (JAX 0.11.2,
+# CUPTI, bf16 to float8_e4m3fn, us; `python -m
+# benchmarks.mosaic_forward_configs`, mosaic_forward_configs_h200.json)
+# it chose the fastest of 10 to 17 launches, or one within 2%: bf16 32768
+# x 4096 99.6 (the two-CTA, three-stage choice before: 108.1; Triton
+# 104.9), 16384 x 8192 108.0 (118.7; 108.1), 8192 x 5120 32.7 (34.9;
+# 36.2), 32768 x 3072 76.6 (81.4; 85.8; the fastest, 75.2, two CTAs of 4
+# rows), 65536 x 896 59.1 (64.4; 50.0), float32 32768 x 4096 156.7 (158.8;
+# 173.5). With a static scale or a residual it lost (static bf16 16384 x
+# 8192 154.4 against 103.1; residual bf16 32768 x 4096 252.4 against
+# 230.6): those keep the order below.
+_CTAS_FIRST = ((4, 2, True, True), (3, 2, True, True))
+
+
 def get_config(n: int, row_bytes: int, max_itemsize: int,
                fixed_bytes: int = 0, rows_multiple: int = 1,
                scale_bytes: int = 0, dh_row_bytes: int = 0,
+               ctas_first: bool = False,
                device_kind: str | None = None) -> Config:
   """Picks the launch configuration of a kernel over rows of `n` elements.
 
@@ -279,6 +296,9 @@ def get_config(n: int, row_bytes: int, max_itemsize: int,
   what block_rows must be a multiple of (`row_multiple`). Two operands go
   through shared memory only where it has room: the scale (`scale_bytes`,
   once per CTA) and the backward's dh (`dh_row_bytes` a row and stage).
+  `ctas_first`: first try 4, then 3 CTAs an SM of two stages each with
+  the scale in shared memory (`_CTAS_FIRST`; the quantized output with its
+  amax folded into the first pass).
   The row count is not an argument: a block never holds more rows than
   there are (`Config.for_rows`), and nothing else depends on it.
   `device_kind` is accepted so that callers need not change when a card
@@ -298,6 +318,8 @@ def get_config(n: int, row_bytes: int, max_itemsize: int,
   candidates = [(ctas, min_stages, scale, dh)
                 for ctas, min_stages in ((2, 3), (2, 2), (1, 2), (1, 1))
                 for dh in (True, False) for scale in (True, False)]
+  if ctas_first:
+    candidates = list(_CTAS_FIRST) + candidates
   for ctas_per_sm, min_stages, scale_in_smem, dh_in_smem in candidates:
     room = smem_budget(ctas_per_sm) - fixed_bytes - (
         scale_bytes if scale_in_smem else 0)

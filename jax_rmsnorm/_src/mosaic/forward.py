@@ -137,7 +137,7 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   # 65536 x 896 64.6 against 69.2; with a residual 239.4 against 230.9);
   # otherwise a pass between the two reduces the amax of y.
   dynamic = quant is not None and not quant.static
-  fold_amax = dynamic and not round_normalized and not has_residual
+  fold_amax = _folds_amax(quant, has_residual, round_normalized)
   # Where W > 1, whole-row totals cross the warpgroups (common.RowTotals):
   # the sum of squares (and max |x * scale|, folded), then the unfolded
   # amax of y.
@@ -299,6 +299,15 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
                    else lambda: plgpu.barrier_wait(w_barrier.at[wg])))
 
 
+def _folds_amax(quant: Quant | None, has_residual: bool,
+                round_normalized: bool) -> bool:
+  """Whether a dynamic quant scale's amax is max |x * scale| reduced in the
+  first pass (`quantize.amax_from_scaled`): without a residual and in the
+  default cast order."""
+  return (quant is not None and not quant.static and not has_residual
+          and not round_normalized)
+
+
 def _row_totals(quant: Quant | None) -> int:
   """Totals a split row hands over at once (common.RowTotals): the sum of
   squares, and max |x * scale| for a dynamic quant scale (at most)."""
@@ -357,6 +366,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
         n, n * sum(jnp.dtype(d).itemsize for d in tiles), vec_itemsize,
         common.RowTotals.smem_bytes(_row_totals(quant), slices, chunk_cols),
         multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
+        ctas_first=_folds_amax(quant, residual is not None,
+                               cast_order == "hf"),
         device_kind=platform.device_kind())
     if slices > 1:
       config = dataclasses.replace(config, block_rows=1, warpgroups=slices)
