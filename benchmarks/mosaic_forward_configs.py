@@ -4,8 +4,10 @@ launched with other block sizes, pipeline depths and CTAs an SM than
 `get_config` picks, against the Triton kernel and the copy ceiling (H200
 sweep).
 
-For every shape: the heuristic's configuration and each variant of
-(ctas_per_sm, block_rows) with as many stages (2 to 4) as the shared
+For every shape: the heuristic's configuration, the same with the
+forward's chunks held in registers or read again from shared memory
+(`Config.hold_chunks` flipped; alone with `--hold-only`), and each variant
+of (ctas_per_sm, block_rows) with as many stages (2 to 4) as the shared
 memory of that many CTAs holds; vec, the warpgroups and so every row's
 arithmetic stay the heuristic's, so each variant's output must equal the
 heuristic's bit for bit (checked on the full batch; the heuristic's own
@@ -43,13 +45,19 @@ MAX_STAGES = 4
 
 
 def variants(base: mosaic_config.Config, row_bytes: int,
-             fixed_bytes: int) -> dict[str, mosaic_config.Config]:
-  """The heuristic's `base` and, for 1-4 CTAs an SM and blocks of 1 to 32
-  / vec rows (a power of two, or the base's; one row where warpgroups
-  split rows), the deepest pipeline
-  (2 to MAX_STAGES) whose stages of `row_bytes` a row fit in shared
-  memory beside `fixed_bytes`."""
-  out = {"base": base}
+             fixed_bytes: int, launches: bool = True
+             ) -> dict[str, mosaic_config.Config]:
+  """The heuristic's `base`, the base with the forward's chunks held in
+  registers or read again (Config.hold_chunks flipped) and, with
+  `launches`, for 1-4 CTAs an SM and blocks of 1 to 32 / vec rows (a power
+  of two, or the base's; one row where warpgroups split rows), the deepest
+  pipeline (2 to MAX_STAGES) whose stages of `row_bytes` a row fit in
+  shared memory beside `fixed_bytes`."""
+  out = {"base": base,
+         "base_hold" if not base.hold_chunks else "base_reread":
+             dataclasses.replace(base, hold_chunks=not base.hold_chunks)}
+  if not launches:
+    return out
   block_rows = [1] if base.warpgroups > 1 else sorted(
       {b for b in (1, 2, 4, 8) if b * base.vec <= 32} | {base.block_rows})
   for ctas in (1, 2, 3, 4):
@@ -102,7 +110,7 @@ def kinds(n: int, itemsize: int) -> dict:
 
 
 def run_shape(m: int, n: int, dtype: str, kinds_run: list[str],
-              iterations: int) -> dict:
+              launches: bool, iterations: int) -> dict:
   x, scale = testing.random_inputs(1, (m, n), dtype)
   residual = testing.random_inputs(2, (m, n), dtype)[0]
   args = (x, residual, scale)
@@ -116,7 +124,8 @@ def run_shape(m: int, n: int, dtype: str, kinds_run: list[str],
     fixed = n * itemsize + common.RowTotals.smem_bytes(
         totals, base.warpgroups, base.chunk_cols)
     expected = None
-    for name, config in variants(base, row_bytes, fixed).items():
+    for name, config in variants(base, row_bytes, fixed,
+                                 launches).items():
       fn = jax.jit(mosaic(config))
       try:
         out = jax.block_until_ready(fn(*args))
@@ -157,12 +166,21 @@ def main(argv=None) -> int:
   return sweep.main(
       argv, prog="python -m benchmarks.mosaic_forward_configs", doc=__doc__,
       shapes=SHAPES, run_shape=run_shape,
-      add_arguments=lambda p: p.add_argument(
-          "--kinds", nargs="+", default=["fwd", "quant"],
-          choices=("fwd", "quant", "static", "residual"),
-          help="what to sweep (default: the forward and the dynamic "
-          "float8 output)"),
-      options=lambda args: dict(kinds_run=args.kinds))
+      add_arguments=_add_arguments,
+      options=lambda args: dict(kinds_run=args.kinds,
+                                launches=not args.hold_only))
+
+
+def _add_arguments(parser) -> None:
+  parser.add_argument(
+      "--kinds", nargs="+", default=["fwd", "quant"],
+      choices=("fwd", "quant", "static", "residual"),
+      help="what to sweep (default: the forward and the dynamic float8 "
+      "output)")
+  parser.add_argument(
+      "--hold-only", action="store_true",
+      help="only the heuristic's launch, with its chunks held and read "
+      "again (Config.hold_chunks)")
 
 
 if __name__ == "__main__":

@@ -518,6 +518,30 @@ def test_dynamic_quantized_output_launches_more_ctas():
   assert place(launched(mosaic_forward.forward, x, None, scale)) == (2, 4, 3)
 
 
+@pytest.mark.usefixtures("_sm90_grid")
+def test_forward_holds_its_chunks_where_they_are_unrolled_and_fit():
+  """Config.hold_chunks: pass 1's chunks kept in registers for pass 2
+  where a row slice's chunks are unrolled and a block's fit in 128
+  float32 values a thread (`forward_holds_chunks`)."""
+  launched = lambda m, n, dtype: sweep.launched_config(
+      functools.partial(mosaic_forward.forward, epsilon=EPS,
+                        scale_offset=0.0),
+      jax.ShapeDtypeStruct((m, n), dtype), None, None)
+  assert launched(32768, 4096, jnp.bfloat16).hold_chunks  # 4 x 8 x 4
+  assert launched(65536, 896, jnp.bfloat16).hold_chunks   # a tail chunk
+  assert launched(4096, 14336, jnp.float32).hold_chunks   # 7 a slice
+  holds = mosaic_config.forward_holds_chunks
+  config = mosaic_config.Config(vec=8, block_rows=4, stages=3)
+  assert holds(config, 4, True) and not holds(config, 5, True)
+  assert not holds(config, 2, False)  # chunks in a loop
+  with pytest.raises(ValueError, match="hold_chunks"):
+    mosaic_forward.forward(
+        jnp.zeros((4, 128 * 8 * 9), jnp.bfloat16), None, None, epsilon=EPS,
+        scale_offset=0.0, interpret=True,
+        config=mosaic_config.Config(vec=8, block_rows=1, stages=1,
+                                    hold_chunks=True))
+
+
 # ---------------------------------------------------------------------------
 # CUDA lowering without a GPU.
 

@@ -79,6 +79,10 @@ class Config:
       memory and a row slice's chunks are unrolled (warpgroups > 1), loads
       its chunks of the scale from GMEM once and holds them in registers
       across its rows (`backward_scale_in_registers`).
+    hold_chunks: the forward keeps the chunks its first pass read from
+      shared memory (as float32, in registers) for its later passes rather
+      than read them again (`forward_holds_chunks`); the chunks must be
+      unrolled.
   """
   vec: int
   block_rows: int
@@ -88,6 +92,7 @@ class Config:
   dh_in_smem: bool = True
   warpgroups: int = 1
   scale_in_registers: bool = False
+  hold_chunks: bool = False
 
   def __post_init__(self):
     for field in ("vec", "warpgroups"):
@@ -244,6 +249,27 @@ def backward_scale_in_registers(config: Config, chunks: int,
   return (scale_itemsize == _SCALE_IN_REGISTERS_ITEMSIZE
           and config.warpgroups > 1 and not config.scale_in_smem
           and chunks <= _SCALE_IN_REGISTERS_MAX_CHUNKS)
+
+
+# Float32 values of a block's row slice a thread of the forward may hold
+# across its passes (block_rows * vec * chunks; the tail counts as a
+# chunk). On an H200 (JAX 0.11.2, CUPTI, us, read again / held;
+# `python -m benchmarks.mosaic_forward_configs --hold-only`,
+# mosaic_hold_chunks_h200.json): dynamic float8 codes bf16 16384 x 8192
+# 107.9 / 102.0, 65536 x 896 59.1 / 53.4, the others 0.3-1.6% faster;
+# the forward bf16 8192 x 5120 44.2 / 43.0, the others within 1%; with a
+# residual within 1.5% either way (bf16 32768 x 4096 230.0 / 232.3, 16384
+# x 8192 250.5 / 247.1). Outputs identical bit for bit.
+_MAX_HELD_VALUES = 128
+
+
+def forward_holds_chunks(config: Config, chunks: int, unrolled: bool) -> bool:
+  """Whether the forward holds its first pass's chunks for the later ones
+  (Config.hold_chunks): where its `chunks` chunks of a row slice are
+  unrolled and a block's fit in _MAX_HELD_VALUES float32 registers a
+  thread. Changes where a value is read from, not a row's arithmetic."""
+  return unrolled and (config.block_rows * config.vec * chunks
+                       <= _MAX_HELD_VALUES)
 
 
 def check_slices(n: int, slices: int, chunk_cols: int,

@@ -63,7 +63,8 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
   A block is read from shared memory twice, chunk by chunk: the first pass
   sums the squares (elementwise over the chunks, then one reduction per
-  row), the second writes y. With `quant`, y is scaled and saturated into
+  row), the second writes y; with config.hold_chunks, once: the second
+  pass takes the first's chunks from registers. With `quant`, y is scaled and saturated into
   codes (`quantize.saturate`, the cast on the store); a dynamic scale's
   amax is max |x * scale| from the first pass times rstd
   (`quantize.amax_from_scaled`), or, with a residual or in the "hf" cast
@@ -178,6 +179,9 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     # other threads), its write after every thread read that chunk.
     held = []
     y_over_x = y_in_place and r_s is None
+    # With config.hold_chunks: chunk -> the value pass 1 read (x, or h
+    # rounded), for the later passes.
+    kept = {}
 
     # Pass 1: the sum of squares of each row (and h, with a residual),
     # elementwise over the chunks, then one reduction per row; with
@@ -192,6 +196,8 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
         else:
           io.put(r_s, chunks.start(k), h)
         v = common.round_trip(h, norm_dtype, interpret)
+      if config.hold_chunks:
+        kept[k] = v
       sq = v * v
       if chunks.is_tail(k):
         sq = tail_mask(sq)
@@ -221,7 +227,8 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
     def normalized(k):
       """y of chunk k, float32, as reference.forward computes it."""
-      y = io.get(src, chunks.start(k)) * rstd
+      v = kept[k] if config.hold_chunks else io.get(src, chunks.start(k))
+      y = v * rstd
       if round_normalized:
         y = common.round_trip(y, norm_dtype, interpret)
       if w_gmem is not None:
@@ -371,12 +378,21 @@ def forward(x: jax.Array, residual: jax.Array | None,
         device_kind=platform.device_kind())
     if slices > 1:
       config = dataclasses.replace(config, block_rows=1, warpgroups=slices)
+    row_chunks = common.Chunks(n // slices, config.chunk_cols)
+    config = dataclasses.replace(config, hold_chunks=(
+        mosaic_config.forward_holds_chunks(
+            config, row_chunks.count + row_chunks.has_tail,
+            row_chunks.count <= row_chunks.UNROLL)))
   slices = config.warpgroups
   if slices > 1:
     mosaic_config.check_slices(n, slices, config.chunk_cols, itemsizes)
   if scale is not None:  # Warpgroup w's slice is row w.
     scale = scale.reshape(slices, -1)
   scale_in_smem = scale is not None and config.scale_in_smem
+  row_chunks = common.Chunks(n // slices, config.chunk_cols)
+  if config.hold_chunks and row_chunks.count > row_chunks.UNROLL:
+    raise ValueError("Config.hold_chunks needs a row slice of at most "
+                     f"{row_chunks.UNROLL} chunks (unrolled), got {config}")
   config = config.for_rows(m, multiple, platform.sm_count())
   ctas = config.num_ctas(m, platform.sm_count())
   logger.debug("rms_norm mosaic forward: rows=%d n=%d dtype=%s residual=%s "
