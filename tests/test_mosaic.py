@@ -661,18 +661,19 @@ def test_split_rows_lower_for_cuda(_split_rows, warpgroups):
 
 
 @pytest.mark.usefixtures("_sm90_grid")
-def test_default_quantized_output_of_large_float32_rows_is_mosaic(
+def test_default_quantized_output_of_large_aligned_rows_is_mosaic(
     monkeypatch):
   """The speed table runs the Mosaic kernel for the dynamic scale of large
-  aligned float32 rows (with and without a residual: one entry), Triton's
-  for bf16 and for unaligned rows (benchmarks/results/
-  speed_table_h200.log): one custom call, the chosen kernel's."""
+  aligned rows (with and without a residual: one entry), Triton's for
+  unaligned and small ones (benchmarks/results/speed_table_h200.log): one
+  custom call, the chosen kernel's."""
   monkeypatch.setattr(platform, "compute_capability", lambda: 9.0)
   fn = functools.partial(jax_rmsnorm.rms_norm_quantized,
                          quant_dtype="float8_e4m3fn")
   for shape, dtype, name in [((4096, 4096), "float32", "mosaic"),
                              ((4096, 4099), "float32", "triton"),
-                             ((4096, 4096), "bfloat16", "triton")]:
+                             ((4096, 4096), "bfloat16", "mosaic"),
+                             ((1024, 4096), "bfloat16", "triton")]:
     x = _struct(shape, dtype)
     scale = _struct(shape[-1:], dtype)
     for residual in (None, x):
