@@ -64,9 +64,9 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   A block is read from shared memory twice, chunk by chunk: the first pass
   sums the squares (elementwise over the chunks, then one reduction per
   row), the second writes y; with config.hold_chunks, once: the second
-  pass takes the first's chunks from registers. With `quant`, y is scaled and saturated into
-  codes (`quantize.saturate`, the cast on the store); a dynamic scale's
-  amax is max |x * scale| from the first pass times rstd
+  pass takes the first's chunks from registers. With `quant`, y is scaled
+  and saturated into codes (`quantize.saturate`, the cast on the store); a
+  dynamic scale's amax is max |x * scale| from the first pass times rstd
   (`quantize.amax_from_scaled`), or, with a residual or in the "hf" cast
   order, a pass between the two over y. Every read of HBM happens once, by
   TMA.
