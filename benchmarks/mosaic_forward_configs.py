@@ -45,14 +45,15 @@ MAX_STAGES = 4
 
 
 def variants(base: mosaic_config.Config, row_bytes: int,
-             fixed_bytes: int, launches: bool = True
-             ) -> dict[str, mosaic_config.Config]:
+             fixed_bytes: int, launches: bool = True,
+             holds=None) -> dict[str, mosaic_config.Config]:
   """The heuristic's `base`, the base with the forward's chunks held in
   registers or read again (Config.hold_chunks flipped) and, with
   `launches`, for 1-4 CTAs an SM and blocks of 1 to 32 / vec rows (a power
   of two, or the base's; one row where warpgroups split rows), the deepest
   pipeline (2 to MAX_STAGES) whose stages of `row_bytes` a row fit in
-  shared memory beside `fixed_bytes`."""
+  shared memory beside `fixed_bytes`; each launch holds its chunks where
+  `holds(config)` says (the heuristic's rule; default: as the base)."""
   out = {"base": base,
          "base_hold" if not base.hold_chunks else "base_reread":
              dataclasses.replace(base, hold_chunks=not base.hold_chunks)}
@@ -68,6 +69,8 @@ def variants(base: mosaic_config.Config, row_bytes: int,
         continue
       config = dataclasses.replace(base, ctas_per_sm=ctas, block_rows=rows,
                                    stages=stages)
+      if holds is not None:
+        config = dataclasses.replace(config, hold_chunks=holds(config))
       if config != base:
         out[f"c{ctas}_b{rows}_s{stages}"] = config
   return out
@@ -123,9 +126,12 @@ def run_shape(m: int, n: int, dtype: str, kinds_run: list[str],
     # The scale, and where rows split the totals handed over.
     fixed = n * itemsize + common.RowTotals.smem_bytes(
         totals, base.warpgroups, base.chunk_cols)
+    chunks = common.Chunks(n // base.warpgroups, base.chunk_cols)
+    holds = lambda c, chunks=chunks: mosaic_config.forward_holds_chunks(
+        c, chunks.count + chunks.has_tail, chunks.count <= chunks.UNROLL)
     expected = None
-    for name, config in variants(base, row_bytes, fixed,
-                                 launches).items():
+    for name, config in variants(base, row_bytes, fixed, launches,
+                                 holds).items():
       fn = jax.jit(mosaic(config))
       try:
         out = jax.block_until_ready(fn(*args))

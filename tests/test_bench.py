@@ -194,3 +194,8 @@ def test_mosaic_forward_configs_variants_fit_and_keep_the_arithmetic():
   split = mosaic_config.Config(vec=4, block_rows=1, stages=2, warpgroups=2)
   assert {c.block_rows for c in configs.variants(
       split, 14336 * 3, 14336 * 2).values()} == {1}
+  # Each launch holds its chunks by the heuristic's rule where given one.
+  rule = lambda c: c.block_rows <= 2
+  held = configs.variants(base, row_bytes, fixed, holds=rule)
+  assert all(c.hold_chunks == (c.block_rows <= 2)
+             for name, c in held.items() if not name.startswith("base"))
