@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
 from unittest import mock
 
 import jax
@@ -43,7 +42,6 @@ from jax_rmsnorm._src.mosaic import config as mosaic_config
 SHAPES = [(4096, 14336, "bfloat16"), (16384, 8192, "bfloat16"),
           (4096, 14336, "float32"), (2048, 16384, "float32")]
 EPS = 1e-6
-ROUNDS = 3
 
 
 def _without_held_scale():
@@ -82,17 +80,11 @@ def run_shape(m: int, n: int, dtype: str, scale_dtype: str,
     jax.block_until_ready(step_off(x, scale, dy))  # Traced without it.
   steps = {"xla": jax.jit(bench.step_fn(implementation="xla")),
            "auto": step_auto, "auto_not_held": step_off}
-  times = {}
-  for _ in range(ROUNDS):  # Alternate, so that drift hits every variant.
-    for name, fn in bwd.items():
-      times.setdefault(f"bwd_{name}", []).append(bench.measure_us(
-          fn, x, dy, None, scale, rstd, iterations=iterations))
-    for name, fn in steps.items():
-      times.setdefault(f"step_{name}", []).append(bench.measure_us(
-          fn, x, scale, dy, iterations=iterations))
-  for key, values in times.items():
-    row[key] = statistics.median(values)
-    row[key + "_runs"] = values
+  timed = {f"bwd_{name}": (fn, (x, dy, None, scale, rstd))
+           for name, fn in bwd.items()}
+  timed.update({f"step_{name}": (fn, (x, scale, dy))
+                for name, fn in steps.items()})
+  sweep.time_alternated(row, timed, iterations=iterations, suffix="")
   row["xla_over_auto_step"] = row["step_xla"] / row["step_auto"]
   return row
 

@@ -12,7 +12,7 @@ memory of that many CTAs holds; vec, the warpgroups and so every row's
 arithmetic stay the heuristic's, so each variant's output must equal the
 heuristic's bit for bit (checked on the full batch; the heuristic's own
 forward against the float64 oracle), then all are timed in alternating
-rounds beside implementation="triton". Results go to a JSON file.
+rounds (`sweep.time_alternated`) beside implementation="triton". Results go to a JSON file.
 
   python -m benchmarks.mosaic_forward_configs --kinds fwd quant --out c.json
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,6 @@ SHAPES = [(32768, 4096, "bfloat16"), (16384, 8192, "bfloat16"),
           (8192, 5120, "bfloat16"), (32768, 3072, "bfloat16"),
           (65536, 896, "bfloat16"), (32768, 4096, "float32")]
 EPS = 1e-6
-ROUNDS = 3
 MAX_STAGES = 4
 
 
@@ -152,16 +150,10 @@ def run_shape(m: int, n: int, dtype: str, kinds_run: list[str],
         fns[f"{kind}_{name}"] = fn
     fns[f"{kind}_triton"] = jax.jit(triton)
   row.update(bench.copy_ceiling(m, n, dtype, iterations=iterations))
-  times = {}
-  for _ in range(ROUNDS):  # Alternate, so that drift hits every variant.
-    for name, fn in fns.items():
-      times.setdefault(name, []).append(
-          bench.measure_us(fn, *args, iterations=iterations))
-  for key, values in times.items():
-    row[f"{key}_us"] = statistics.median(values)
-    row[f"{key}_runs"] = values
+  sweep.time_alternated(row, {name: (fn, args) for name, fn in fns.items()},
+                        iterations=iterations)
   for kind in kinds_run:
-    timed = [k for k in times
+    timed = [k for k in fns
              if k.startswith(kind + "_") and not k.endswith("triton")]
     if timed:
       row[f"{kind}_best"] = min(timed, key=lambda k: row[f"{k}_us"])

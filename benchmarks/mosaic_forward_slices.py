@@ -16,7 +16,6 @@ implementation="triton" and "xla" and the copy ceiling of the same bytes
 from __future__ import annotations
 
 import functools
-import statistics
 from unittest import mock
 
 import jax
@@ -34,7 +33,6 @@ SHAPES = [(4096, 14336, "bfloat16"), (16384, 8192, "bfloat16"),
           (4096, 14336, "float32"), (16384, 8192, "float32"),
           (8192, 5120, "float32")]
 EPS = 1e-6
-ROUNDS = 3
 
 
 def _forced(warpgroups: int):
@@ -84,14 +82,9 @@ def run_shape(m: int, n: int, dtype: str, quant: bool,
           jax_rmsnorm.rms_norm_quantized, quant_dtype="float8_e4m3fn",
           implementation=impl))
   row.update(bench.copy_ceiling(m, n, dtype, iterations=iterations))
-  times = {}
-  for _ in range(ROUNDS):  # Alternate, so that drift hits every variant.
-    for name, fn in {**fwd, **qfwd}.items():
-      times.setdefault(name, []).append(
-          bench.measure_us(fn, x, scale, iterations=iterations))
-  for key, values in times.items():
-    row[f"{key}_us"] = statistics.median(values)
-    row[f"{key}_runs"] = values
+  sweep.time_alternated(
+      row, {name: (fn, (x, scale)) for name, fn in {**fwd, **qfwd}.items()},
+      iterations=iterations)
   for key in fwd:
     row[f"{key}_pct_copy"] = 100 * row["copy_us"] / row[f"{key}_us"]
   return row

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from typing import Callable
 from unittest import mock
 
@@ -14,6 +15,9 @@ import jax
 
 from jax_rmsnorm._src import bench
 from jax_rmsnorm._src.mosaic import common
+
+# Rounds of `time_alternated`.
+ROUNDS = 3
 
 
 def main(argv, *, prog: str, doc: str, shapes, run_shape: Callable[..., dict],
@@ -54,3 +58,18 @@ def launched_config(fn, *args):
   with mock.patch.object(common, "launch", wraps=common.launch) as launch:
     jax.eval_shape(fn, *args)
   return launch.call_args.args[0].keywords["config"]
+
+
+def time_alternated(row: dict, timed: dict, *, iterations: int,
+                    suffix: str = "_us", rounds: int = ROUNDS) -> None:
+  """Times each `timed` entry, key -> (fn, args), in `rounds` rounds that
+  alternate between them (so that drift in the card's clocks hits every
+  one alike); row[key + suffix] = the median over rounds of
+  bench.measure_us, row[key + "_runs"] = every round's."""
+  times = {key: [] for key in timed}
+  for _ in range(rounds):
+    for key, (fn, args) in timed.items():
+      times[key].append(bench.measure_us(fn, *args, iterations=iterations))
+  for key, values in times.items():
+    row[key + suffix] = statistics.median(values)
+    row[key + "_runs"] = values

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,22 @@ def test_sweep_command_line_runs_each_shape_and_writes_them(tmp_path,
   assert [r["n"] for r in rows] == [128, 256] and "us_runs" in rows[0]
   printed = capsys.readouterr().out.splitlines()
   assert len(printed) == 2 and "us_runs" not in printed[0]
+  # Every entry timed once a round, rounds alternating; the median kept.
+  calls = []
+  stamps = iter([5.0, 1.0, 3.0, 2.0, 4.0, 6.0])
+
+  def fake_measure(fn, *args, iterations):
+    calls.append((fn(*args), iterations))
+    return next(stamps)
+
+  row = {}
+  with mock.patch.object(sweep.bench, "measure_us", fake_measure):
+    sweep.time_alternated(row, {"a": (lambda v: v, ("a",)),
+                                "b": (lambda v: v, ("b",))},
+                          iterations=7)
+  assert calls == [("a", 7), ("b", 7)] * 3
+  assert row == {"a_us": 4.0, "a_runs": [5.0, 3.0, 4.0],
+                 "b_us": 2.0, "b_runs": [1.0, 2.0, 6.0]}
   # The configuration a Mosaic kernel launches with, traced only.
   from jax_rmsnorm._src.mosaic import forward as mosaic_forward
   config = sweep.launched_config(
