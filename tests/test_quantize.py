@@ -297,6 +297,26 @@ def test_fold_amax_where_measured():
     assert not folds(n, dtype), (n, dtype)
 
 
+def test_float32_static_takes_dynamic_layout():
+  """Float32 rows held in registers get the dynamic scale's launch with a
+  static scale too (triton/config.py, _QUANT_FLOAT32_CHUNKS; the other
+  layouts ran float32 16384 x 8192 slower than XLA on an H200), the amax
+  not folded; bf16 rows, looped rows and residuals keep their own."""
+  get = lambda n, dtype, **kw: triton_config.get_quant_config(1, n, dtype,
+                                                              **kw)
+  for n in (896, 4096, 4099, 5120, 8192, 14336):
+    dynamic = get(n, "float32")
+    assert get(n, "float32", static=True) == dataclasses.replace(
+        dynamic, fold_amax=False), n
+    assert dynamic.prefetch and dynamic.hold_scale and dynamic.programs_per_sm
+  assert get(14336, "bfloat16", static=True) != dataclasses.replace(
+      get(14336, "bfloat16"), fold_amax=False)
+  assert not get(4096, "float32", residual=True).prefetch
+  looped = triton_config.MAX_ONE_PASS_COLS * 2
+  assert get(looped, "float32", static=True) == get(
+      looped, "float32", residual=True)
+
+
 # A persistent grid (each program loops over every grid-th block of rows),
 # with the scale held across the loop and the next rows loaded ahead or not;
 # blocks of 1, 2 and 4 rows, one, two and four chunks a row.

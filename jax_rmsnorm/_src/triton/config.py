@@ -266,7 +266,11 @@ _QUANT_FOLD_AMAX_WIDE_BYTES = 32768
 # quant_NVIDIA_H200.json, 4096 x 4099, not swept, 35.7 to 30.4). Nothing beat
 # bf16 32768 x 3072 or 65536 x 896 as they were (86.3, 50.6); bf16 8192 x
 # 5120 on 4 programs an SM, folded, ran 36.1 against 37.3 (not taken).
-# Static scales and residuals keep the layouts above (untimed here).
+# Residuals keep the layouts above (untimed here). Static scales keep them
+# for bf16; float32 rows with a static scale take the dynamic scale's
+# layouts (NVIDIA H200, JAX 0.11.2, CUPTI, us, quant-static record: on the
+# layouts above 32768 x 4096 203.1, 16384 x 8192 238.9, 0.90x XLA's 215.8;
+# taken after the first float32 record of the static op).
 _QUANT_DYNAMIC_WIDE = dict(block_cols=8192, num_warps=16, programs_per_sm=1,
                            prefetch=True, hold_scale=True)
 _QUANT_FLOAT32_SHORT_COLS = 1024
@@ -343,16 +347,16 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   1-byte outputs and a second row reduction (the amax), fewer warps holding
   more of a row each won (the comments at _QUANT_SHORT_ROW_BYTES). Without
   a residual, bf16 rows held as one block, bf16 rows that do not start on
-  16 bytes, bf16 rows past 8192 and, with a dynamic scale, every float32
-  row held in registers run on a persistent grid (`_quant_persistent`,
-  _QUANT_STATIC_WIDE, _QUANT_DYNAMIC_WIDE, `_quant_float32_dynamic`; the
+  16 bytes, bf16 rows past 8192 and every float32 row held in registers
+  run on a persistent grid (`_quant_persistent`,
+  _QUANT_STATIC_WIDE, _QUANT_DYNAMIC_WIDE, `_quant_float32_held`; the
   grid changes no row's arithmetic); with a `residual` (a fused add) rows
   run one block a program, spread over more warps."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
   dynamic = not (static or residual)
-  if dynamic and itemsize == 4 and n <= MAX_ONE_PASS_COLS:
-    config = _quant_float32_dynamic(n)
+  if not residual and itemsize == 4 and n <= MAX_ONE_PASS_COLS:
+    config = _quant_float32_held(n)
   else:
     config = _quant_layout(n, itemsize, residual=residual, static=static)
   if dynamic and _quant_folds_amax(config, n, itemsize):
@@ -374,10 +378,11 @@ def _quant_folds_amax(config: Config, n: int, itemsize: int) -> bool:
   return n == cols or config.programs_per_sm > 0
 
 
-def _quant_float32_dynamic(n: int) -> Config:
-  """get_quant_config's layout for float32 rows held in registers with a
-  dynamic scale and no residual: on persistent grids loading the next rows
-  ahead with the scale held (the comments at _QUANT_DYNAMIC_WIDE)."""
+def _quant_float32_held(n: int) -> Config:
+  """get_quant_config's layout for float32 rows held in registers without a
+  residual, dynamic or static scale: on persistent grids loading the next
+  rows ahead with the scale held (the comments at _QUANT_DYNAMIC_WIDE and
+  _QUANT_FLOAT32_CHUNKS)."""
   cols = pl.next_power_of_2(n)
   if cols <= _QUANT_FLOAT32_SHORT_COLS:
     layout = dataclasses.replace(_quant_short_rows(cols, 4),
@@ -398,8 +403,8 @@ def _quant_short_rows(cols: int, itemsize: int) -> Config:
 
 def _quant_layout(n: int, itemsize: int, *, residual: bool, static: bool
                   ) -> Config:
-  """get_quant_config's launch layout (but float32 rows with a dynamic
-  scale and no residual: `_quant_float32_dynamic`)."""
+  """get_quant_config's launch layout (but float32 rows held in registers
+  without a residual: `_quant_float32_held`)."""
   cols = pl.next_power_of_2(n)
   if cols > MAX_ONE_PASS_COLS or cols * itemsize > _WARPS_BY_BYTES[-1][0]:
     # Looped, or float32 rows past 8192: the forward's chunked layouts.
