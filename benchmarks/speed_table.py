@@ -1,7 +1,8 @@
 """Writes the automatic choice's table from benchmark records of one card.
 
-For each op the package chooses for (forward, backward, quant with dynamic
-and quant-static with static scales) and each shape
+For each op the package chooses for (forward, backward, and the quantized
+output: quant with dynamic and quant-static with static scales, each also
+with the residual, `speed_table.OPS`) and each shape
 class (`speed_table.shape_class`: dtype, decode/small/large rows,
 aligned/unaligned N), the table names the implementation to run on that GPU
 generation: the kernel family with the lowest geometric-mean time over the
@@ -12,9 +13,8 @@ jit: what a training step pays), with each family's own forward swapped for
 the forward the table chose: step(k) - forward(k) + forward(chosen), the
 forward times from the `forward` records (a step record runs each family's
 forward and backward together, and a family with a slow forward would
-otherwise lose a backward it wins). XLA's step is its measured one. The
-quantized outputs from the `quant*` records (with and without the
-residual), the forward from `forward`.
+otherwise lose a backward it wins). XLA's step is its measured one. Every
+other op from the record of the same name.
 
   python -m benchmarks.speed_table benchmarks/results/*_NVIDIA_H200.json
 
@@ -41,8 +41,7 @@ from jax_rmsnorm._src import speed_table
 NOISE = 1.02
 # The package's op <- the benchmark ops that measure it.
 SOURCES = {"forward": ("forward",), "backward": ("step",),
-           "quant": ("quant", "quant-residual"),
-           "quant-static": ("quant-static", "quant-static-residual")}
+           **{op: (op,) for op in speed_table.OPS if op.startswith("quant")}}
 
 
 def choose(rows: list[dict]) -> tuple[str, dict]:

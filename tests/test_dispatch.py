@@ -133,6 +133,24 @@ def test_table_choice_of_xla_runs_the_reference(monkeypatch):
   assert "jax_rmsnorm_per_platform" in jaxpr
 
 
+def test_quantized_output_asks_the_table_for_its_own_op(monkeypatch):
+  """Each form of the quantized output (dynamic or static scale, with or
+  without the residual) is its own op to the speed table: the kernel that
+  wins differs between them (`speed_table.OPS`)."""
+  import jax_rmsnorm
+  asked = []
+  monkeypatch.setattr(speed_table, "choose",
+                      lambda op, *a: asked.append(op) or "xla")
+  x = jnp.ones((4, 128), jnp.bfloat16)
+  for residual in (None, x):
+    for quant_scale in (None, jnp.float32(0.5)):
+      jax_rmsnorm.rms_norm_quantized(x, residual=residual,
+                                     quant_scale=quant_scale)
+  assert asked == ["quant", "quant-static", "quant-residual",
+                   "quant-static-residual"]
+  assert set(asked) <= set(speed_table.OPS)
+
+
 @requires_gpu
 def test_inputs_on_the_host_cpu_of_a_gpu_machine():
   """The choice follows the platform lowered for, not the default device:

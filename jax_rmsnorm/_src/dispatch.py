@@ -53,7 +53,8 @@ _KERNEL_MODULES = {
 }
 # The reference's function per op: the CPU side of every automatic choice.
 _REFERENCE = {"forward": reference.forward, "backward": reference.backward,
-              "quant": quantize.reference, "quant-static": quantize.reference}
+              **{op: quantize.reference for op in speed_table.OPS
+                 if op.startswith("quant")}}
 # The automatic choice's order of kernels after the table's own.
 _KERNEL_PREFERENCE = ("mosaic", "triton")
 
@@ -247,9 +248,11 @@ def run_quantized(x, residual, scale, quant_scale, opts: validation.Options,
   arrays; quant_scale None (dynamic), (1,) or (N,). Not differentiable."""
   n = x.shape[-1]
   problem = Problem(x.size // n, n, x.dtype, jnp.dtype(quant_dtype))
-  # Dynamic and static scales are separate ops to the speed table: XLA fuses
-  # a static quantization into its norm, not a dynamic one.
-  op = "quant" if quant_scale is None else "quant-static"
+  # Dynamic and static scales, with and without the residual, are separate
+  # ops to the speed table: XLA fuses a static quantization into its norm,
+  # not a dynamic one, and the residual's tensors change which kernel wins.
+  op = ("quant" + ("" if quant_scale is None else "-static")
+        + ("" if residual is None else "-residual"))
   p = plan((op,), problem, names, interpret)
   logger.debug("rms_norm_quantized: %s for x %s %s", p, x.shape, x.dtype)
   static = dict(epsilon=opts.epsilon, scale_offset=opts.scale_offset,

@@ -18,7 +18,11 @@ import numpy as np
 
 TABLE_PATH = pathlib.Path(__file__).parent / "data" / "speed_table.json"
 DEFAULT = "triton"
-OPS = ("forward", "backward", "quant", "quant-static")
+# The quantized output is four ops: a static scale lets XLA fuse the
+# quantization into its norm, a residual adds a tensor each way, and the
+# faster kernel differs between them.
+OPS = ("forward", "backward", "quant", "quant-static", "quant-residual",
+       "quant-static-residual")
 
 
 def shape_class(m: int, n: int, dtype) -> str:
