@@ -268,9 +268,10 @@ _QUANT_FOLD_AMAX_WIDE_BYTES = 32768
 # 5120 on 4 programs an SM, folded, ran 36.1 against 37.3 (not taken).
 # Residuals keep the layouts above (untimed here). Static scales keep them
 # for bf16; float32 rows with a static scale take the dynamic scale's
-# layouts (NVIDIA H200, JAX 0.11.2, CUPTI, us, quant-static record: on the
-# layouts above 32768 x 4096 203.1, 16384 x 8192 238.9, 0.90x XLA's 215.8;
-# taken after the first float32 record of the static op).
+# layouts (NVIDIA H200, JAX 0.11.2, CUPTI, us, quant-static records, the
+# layouts above / these: 32768 x 4096 203.1 / 172.1, 16384 x 8192 238.9 /
+# 169.9, where XLA's fused kernel takes 215.8; 4096 x 14336 83.2 / 76.9,
+# 2048 x 4096 13.4 / 8.0, 16 x 4096 1.9 / 1.3).
 _QUANT_DYNAMIC_WIDE = dict(block_cols=8192, num_warps=16, programs_per_sm=1,
                            prefetch=True, hold_scale=True)
 _QUANT_FLOAT32_SHORT_COLS = 1024
@@ -348,10 +349,10 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   more of a row each won (the comments at _QUANT_SHORT_ROW_BYTES). Without
   a residual, bf16 rows held as one block, bf16 rows that do not start on
   16 bytes, bf16 rows past 8192 and every float32 row held in registers
-  run on a persistent grid (`_quant_persistent`,
-  _QUANT_STATIC_WIDE, _QUANT_DYNAMIC_WIDE, `_quant_float32_held`; the
-  grid changes no row's arithmetic); with a `residual` (a fused add) rows
-  run one block a program, spread over more warps."""
+  run on a persistent grid (`_quant_persistent`, _QUANT_STATIC_WIDE,
+  _QUANT_DYNAMIC_WIDE, `_quant_float32_held`; the grid changes no row's
+  arithmetic); with a `residual` (a fused add) rows run one block a
+  program, spread over more warps."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
   dynamic = not (static or residual)
