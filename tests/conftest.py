@@ -10,6 +10,12 @@ if os.environ.get("JAX_RMSNORM_MULTIDEVICE"):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                              "--xla_force_host_platform_device_count=8")
 
+# Under pytest-xdist (the README's `-n 2`) each worker is a process of its
+# own, on the same GPU where there is one: none may take JAX's default 75%
+# of its memory up front.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
