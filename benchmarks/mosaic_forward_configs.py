@@ -1,5 +1,5 @@
 """The Mosaic forward and its quantized outputs (`--kinds`: the forward,
-float8 codes with a dynamic or a static scale, dynamic with a residual)
+float8 codes with a dynamic or a static scale, either with a residual)
 launched with other block sizes, pipeline depths and CTAs an SM than
 `get_config` picks, against the Triton kernel and the copy ceiling (H200
 sweep).
@@ -82,7 +82,8 @@ def kinds(n: int, itemsize: int) -> dict:
   bytes of one row in one stage, totals a split row hands over); every fn
   maps (x, residual, scale) to its outputs. "fwd": y; "quant": dynamic
   float8 codes and row scales; "static": codes of a static scale;
-  "residual": the dynamic codes, row scales and h of x + residual."""
+  "residual": the dynamic codes, row scales and h of x + residual;
+  "static-residual": the static scale's codes and h."""
   eps = dict(epsilon=EPS, scale_offset=0.0)
   q = dict(quant_dtype="float8_e4m3fn")
   static = jnp.float32(STATIC_SCALE)
@@ -107,6 +108,12 @@ def kinds(n: int, itemsize: int) -> dict:
                    lambda x, r, s: jax_rmsnorm.rms_norm_quantized(
                        x, s, residual=r, **q, **triton),
                    n * (2 * itemsize + 1), 2),
+      "static-residual": (lambda c: lambda x, r, s: mosaic_quantize.forward(
+          x, r, s, static, config=c, **eps, **q)[::2],
+                          lambda x, r, s: jax_rmsnorm.rms_norm_quantized(
+                              x, s, residual=r, quant_scale=static, **q,
+                              **triton),
+                          n * (2 * itemsize + 1), 1),
   }
 
 
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
 def _add_arguments(parser) -> None:
   parser.add_argument(
       "--kinds", nargs="+", default=["fwd", "quant"],
-      choices=("fwd", "quant", "static", "residual"),
+      choices=("fwd", "quant", "static", "residual", "static-residual"),
       help="what to sweep (default: the forward and the dynamic float8 "
       "output)")
   parser.add_argument(

@@ -14,6 +14,7 @@ shapes). The best configurations feed `triton_config.get_config` /
   python -m benchmarks.tune_triton --sweep quant --out /tmp/tune_quant.json
   python -m benchmarks.tune_triton --sweep quant-residual --out /tmp/r.json
   python -m benchmarks.tune_triton --sweep forward-persistent --out /tmp/f.json
+  python -m benchmarks.tune_triton --sweep quant-static-residual-layouts-float32
 """
 
 from __future__ import annotations
@@ -162,6 +163,15 @@ FORWARD_LAYOUTS_SWEEP = (
     (8192, 5120, "float32"), (4096, 4099, "float32"),
     (4096, 4099, "bfloat16"),
 )
+# Float32 rows with the fused residual add (x, the residual and h of 4
+# bytes a value): the layouts were tuned on bf16 rows only, and ran under
+# 80% of the byte floor at these shapes with a static or a dynamic scale
+# (`residual_layout_candidates`).
+QUANT_RESIDUAL_FLOAT32_SWEEP = (
+    (4096, 4099, "float32"), (16384, 8192, "float32"),
+    (32768, 4096, "float32"), (2048, 4096, "float32"),
+    (4096, 14336, "float32"),
+)
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP,
           "backward-registers": BACKWARD_REGISTERS_SWEEP,
@@ -175,6 +185,9 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "forward-layouts": FORWARD_LAYOUTS_SWEEP,
           "quant-held": QUANT_HELD_SWEEP,
           "quant-static-held": QUANT_HELD_SWEEP[:5],   # bf16 rows
+          "quant-residual-layouts-float32": QUANT_RESIDUAL_FLOAT32_SWEEP,
+          "quant-static-residual-layouts-float32":
+              QUANT_RESIDUAL_FLOAT32_SWEEP,
           **{f"quant-layouts-{dtype}": tuple((m, n, dtype) for m, n in shapes)
              for dtype, shapes in QUANT_LAYOUT_SWEEPS.items()}}
 
@@ -326,6 +339,12 @@ def quant_layout_candidates(n: int, dtype: str):
   yield from layout_candidates(n, dtype, fold_amax=True)
 
 
+def residual_layout_candidates(n: int, dtype: str):
+  """The heuristic's choice with a residual, then `layout_candidates`."""
+  yield triton_config.get_quant_config(1, n, dtype, residual=True)
+  yield from layout_candidates(n, dtype)
+
+
 def forward_layout_candidates(n: int, dtype: str):
   """The heuristic's choice, then `layout_candidates` with the forward's
   cache hints."""
@@ -341,6 +360,8 @@ QUANT_CANDIDATES = {
                                            static=True),
     **{f"quant-layouts-{dtype}": quant_layout_candidates
        for dtype in QUANT_LAYOUT_SWEEPS},
+    "quant-residual-layouts-float32": residual_layout_candidates,
+    "quant-static-residual-layouts-float32": residual_layout_candidates,
 }
 
 
