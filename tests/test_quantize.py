@@ -132,6 +132,7 @@ CASES = [
     ((2, 3, 4096), "bfloat16", "bfloat16", "float8_e5m2", "dynamic", {}),
     ((5, 4096), "float16", None, "int8", "dynamic", {}),
     ((4, 4096), "float32", None, "float8_e4m3fn", "scalar", {}),
+    ((3, 4096), "float32", "float32", "float8_e4m3fn", "scalar", {}),
     ((3, 5120), "float16", "float32", "float8_e4m3fn", "dynamic", {}),
     ((3, 5120), "bfloat16", None, "float8_e5m2", "channel", {}),
     ((2, 14336), "bfloat16", None, "float8_e4m3fn", "dynamic", {}),
@@ -315,6 +316,29 @@ def test_float32_static_takes_dynamic_layout():
   looped = triton_config.MAX_ONE_PASS_COLS * 2
   assert get(looped, "float32", static=True) == get(
       looped, "float32", residual=True)
+
+
+def test_float32_residual_takes_chunks_of_2048():
+  """Float32 rows with a residual whose n is a multiple of 2048 from 4096
+  to 14336 are held as chunks of 2048 on 16 warps, on a persistent grid past
+  8192, with a static or a dynamic scale (triton/config.py,
+  _QUANT_FLOAT32_RESIDUAL_CHUNK; the bf16 rows' layouts ran float32 16384 x
+  8192 with a static scale no faster than XLA on an H200); other widths and
+  bf16 rows keep their own."""
+  get = lambda n, dtype, **kw: triton_config.get_quant_config(
+      1, n, dtype, residual=True, **kw)
+  chunks = triton_config.Config(block_rows=1, block_cols=2048, num_warps=16)
+  for static in (False, True):
+    for n in (4096, 6144, 8192):
+      assert get(n, "float32", static=static) == chunks, (n, static)
+    for n in (10240, 14336):
+      assert get(n, "float32", static=static) == dataclasses.replace(
+          chunks, programs_per_sm=2, prefetch=True, hold_scale=True), n
+    for n, dtype in ((2048, "float32"), (4099, "float32"),
+                     (5120, "float32"), (16384, "float32"),
+                     (8192, "bfloat16"), (4096, "bfloat16")):
+      assert get(n, dtype, static=static) != chunks, (n, dtype)
+      assert not get(n, dtype, static=static).programs_per_sm, (n, dtype)
 
 
 # A persistent grid (each program loops over every grid-th block of rows),

@@ -266,7 +266,8 @@ _QUANT_FOLD_AMAX_WIDE_BYTES = 32768
 # quant_NVIDIA_H200.json, 4096 x 4099, not swept, 35.7 to 30.4). Nothing beat
 # bf16 32768 x 3072 or 65536 x 896 as they were (86.3, 50.6); bf16 8192 x
 # 5120 on 4 programs an SM, folded, ran 36.1 against 37.3 (not taken).
-# Residuals keep the layouts above (untimed here). Static scales keep them
+# Residuals keep the layouts above (untimed here; float32 rows with a
+# residual: _QUANT_FLOAT32_RESIDUAL_CHUNK). Static scales keep them
 # for bf16; float32 rows with a static scale take the dynamic scale's
 # layouts (NVIDIA H200, JAX 0.11.2, CUPTI, us, quant-static records, the
 # layouts above / these: 32768 x 4096 203.1 / 172.1, 16384 x 8192 238.9 /
@@ -279,6 +280,27 @@ _QUANT_FLOAT32_CHUNKS = ((8192, dict(block_cols=1024, num_warps=8,
                                      programs_per_sm=2)),
                          (16384, dict(block_cols=2048, num_warps=16,
                                       programs_per_sm=1)))
+# Float32 rows with a residual (x, the residual and h of 4 bytes a value)
+# whose n is a multiple of 2048 from 4096 to 14336: chunks of 2048 on 16
+# warps (8 to 28 elements a thread), one row a program up to 8192 and past
+# it on a persistent grid of 2 programs an SM loading the next row ahead.
+# The layouts above were tuned on bf16 rows; on an H200 (JAX 0.11.2, CUPTI,
+# us, static / dynamic scale, those -> these; byte floor in brackets;
+# `python -m benchmarks.tune_triton --sweep
+# quant-static-residual-layouts-float32` and
+# quant-residual-layouts-float32, tune_triton_quant_*residual_float32_
+# h200.json): 16384 x 8192 594.7 / 593.9 -> 434.4 / 440.3 (408), 32768 x
+# 4096 496.5 / 505.5 -> 431.1 / 438.3 (408), 2048 x 4096 35.5 / 36.2 ->
+# 29.2 / 30.5 (27.2), 4096 x 14336 206.4 / 290.6 -> 198.9 / 221.1 (180).
+# The best of 35 to 44 layouts at each was at most 4% faster (2048 x 4096
+# on 2 programs an SM 28.4 / 29.4, which lost 2% at 32768 x 4096). 4096 x
+# 4099 gained nothing beyond 2% (static 67.3, best 66.1; dynamic 68.7,
+# best 68.4): other widths keep the layouts above.
+_QUANT_FLOAT32_RESIDUAL_CHUNK = 2048
+_QUANT_FLOAT32_RESIDUAL_MIN_COLS = 4096
+_QUANT_FLOAT32_RESIDUAL_MAX_COLS = 14336
+_QUANT_FLOAT32_RESIDUAL_ONE_ROW_COLS = 8192
+_QUANT_FLOAT32_RESIDUAL_PROGRAMS_PER_SM = 2
 
 
 def get_config(rows: int, n: int, dtype, device_kind: str | None = None,
@@ -358,6 +380,8 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   dynamic = not (static or residual)
   if not residual and itemsize == 4 and n <= MAX_ONE_PASS_COLS:
     config = _quant_float32_held(n)
+  elif residual and itemsize == 4 and _quant_float32_residual_chunks(n):
+    config = _quant_float32_residual(n)
   else:
     config = _quant_layout(n, itemsize, residual=residual, static=static)
   if dynamic and _quant_folds_amax(config, n, itemsize):
@@ -392,6 +416,28 @@ def _quant_float32_held(n: int) -> Config:
     layout = Config(block_rows=1, **next(
         chunks for limit, chunks in _QUANT_FLOAT32_CHUNKS if cols <= limit))
   return dataclasses.replace(layout, prefetch=True, hold_scale=True)
+
+
+def _quant_float32_residual_chunks(n: int) -> bool:
+  """Whether float32 rows of n with a residual take
+  `_quant_float32_residual` (the comments at
+  _QUANT_FLOAT32_RESIDUAL_CHUNK)."""
+  return (n % _QUANT_FLOAT32_RESIDUAL_CHUNK == 0
+          and _QUANT_FLOAT32_RESIDUAL_MIN_COLS <= n
+          <= _QUANT_FLOAT32_RESIDUAL_MAX_COLS)
+
+
+def _quant_float32_residual(n: int) -> Config:
+  """get_quant_config's layout for float32 rows with a residual, where
+  `_quant_float32_residual_chunks`: chunks of 2048 on 16 warps, on a
+  persistent grid past 8192."""
+  layout = Config(block_rows=1, block_cols=_QUANT_FLOAT32_RESIDUAL_CHUNK,
+                  num_warps=16)
+  if n <= _QUANT_FLOAT32_RESIDUAL_ONE_ROW_COLS:
+    return layout
+  return dataclasses.replace(
+      layout, programs_per_sm=_QUANT_FLOAT32_RESIDUAL_PROGRAMS_PER_SM,
+      prefetch=True, hold_scale=True)
 
 
 def _quant_short_rows(cols: int, itemsize: int) -> Config:
