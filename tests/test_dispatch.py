@@ -36,11 +36,20 @@ def test_speed_table_is_a_pure_lookup():
     assert speed_table.choose(op, None, 1, 8, "float32") == (
         speed_table.DEFAULT)
   assert speed_table.shape_class(16, 4096, jnp.bfloat16) == (
-      "bfloat16/decode/aligned")
+      "bfloat16/decode/medium")
   assert speed_table.shape_class(1024, 4099, "float32") == (
       "float32/small/unaligned")
   assert speed_table.shape_class(32768, 4096, "float32") == (
-      "float32/large/aligned")
+      "float32/large/medium")
+  # Aligned rows by width: the kernels hold them differently.
+  assert [speed_table.shape_class(m, n, "bfloat16")
+          for m, n in ((65536, 896), (8192, 1024), (8192, 1152),
+                       (4096, 8192), (4096, 8320), (4096, 14336),
+                       (1024, 65536), (4096, 14337))] == [
+              "bfloat16/large/narrow", "bfloat16/large/narrow",
+              "bfloat16/large/medium", "bfloat16/large/medium",
+              "bfloat16/large/wide", "bfloat16/large/wide",
+              "bfloat16/large/wide", "bfloat16/large/unaligned"]
 
 
 _WITHOUT_TRITON = textwrap.dedent("""
@@ -211,10 +220,10 @@ def test_speed_table_writer_never_picks_a_kernel_slower_than_xla():
       dict(op="step", rows=[row(32768, 4096, 300, 200, 250)]),
   ]
   made = writer.table_of(records)["ops"]
-  assert made["forward"]["bfloat16/large/aligned"] == "triton"
+  assert made["forward"]["bfloat16/large/medium"] == "triton"
   assert made["forward"]["bfloat16/large/unaligned"] == "xla"
-  assert made["forward"]["bfloat16/decode/aligned"] == "mosaic"
-  assert made["backward"] == {"bfloat16/large/aligned": "triton"}
+  assert made["forward"]["bfloat16/decode/medium"] == "mosaic"
+  assert made["backward"] == {"bfloat16/large/medium": "triton"}
   # The backward is judged in a step with the forward the table chose:
   # mosaic's step is the slower (270 against 250 us) for its forward (130
   # against the chosen triton's 90), its backward the faster (140 against
@@ -222,12 +231,12 @@ def test_speed_table_writer_never_picks_a_kernel_slower_than_xla():
   swapped = writer.table_of([
       dict(op="forward", rows=[row(32768, 4096, 100, 90, 130)]),
       dict(op="step", rows=[row(32768, 4096, 300, 250, 270)])])["ops"]
-  assert swapped["forward"]["bfloat16/large/aligned"] == "triton"
-  assert swapped["backward"]["bfloat16/large/aligned"] == "mosaic"
+  assert swapped["forward"]["bfloat16/large/medium"] == "triton"
+  assert swapped["backward"]["bfloat16/large/medium"] == "mosaic"
   # 1% slower than XLA at one shape of a class is within the noise (the
   # kernel still wins the class); 3% is not (above: mosaic).
   assert writer.NOISE == 1.02
   noisy = [dict(op="forward", rows=[row(32768, 4096, 100, 90, 95),
                                     row(16384, 8192, 100, 101, 103)])]
   assert writer.table_of(noisy)["ops"]["forward"] == {
-      "bfloat16/large/aligned": "triton"}
+      "bfloat16/large/medium": "triton"}

@@ -698,19 +698,23 @@ def test_split_rows_lower_for_cuda(_split_rows, warpgroups):
 def test_default_quantized_output_of_large_aligned_rows_is_mosaic(
     monkeypatch):
   """The speed table runs the Mosaic kernel for the dynamic scale of large
-  aligned rows (with and without a residual: one entry), Triton's for
-  unaligned and small ones (benchmarks/results/speed_table_h200.log): one
-  custom call, the chosen kernel's."""
+  aligned rows of medium width (with and without a residual), Triton's for
+  unaligned and small ones and, without a residual, for bf16 rows of 14336
+  (benchmarks/results/speed_table_h200.log): one custom call, the chosen
+  kernel's."""
   monkeypatch.setattr(platform, "compute_capability", lambda: 9.0)
   fn = functools.partial(jax_rmsnorm.rms_norm_quantized,
                          quant_dtype="float8_e4m3fn")
-  for shape, dtype, name in [((4096, 4096), "float32", "mosaic"),
-                             ((4096, 4099), "float32", "triton"),
-                             ((4096, 4096), "bfloat16", "mosaic"),
-                             ((1024, 4096), "bfloat16", "triton")]:
+  # (shape, dtype, kernel without a residual, with one)
+  for shape, dtype, names in [((4096, 4096), "float32", ("mosaic",) * 2),
+                              ((4096, 4099), "float32", ("triton",) * 2),
+                              ((4096, 4096), "bfloat16", ("mosaic",) * 2),
+                              ((1024, 4096), "bfloat16", ("triton",) * 2),
+                              ((1024, 14336), "bfloat16",
+                               ("triton", "mosaic"))]:
     x = _struct(shape, dtype)
     scale = _struct(shape[-1:], dtype)
-    for residual in (None, x):
+    for residual, name in zip((None, x), names):
       text = _lower_for_cuda(lambda x, r, s: fn(x, s, residual=r), x,
                              residual, scale)
       calls = [l for l in text.splitlines() if "custom_call" in l]

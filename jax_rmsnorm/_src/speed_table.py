@@ -25,17 +25,35 @@ OPS = ("forward", "backward", "quant", "quant-static", "quant-residual",
        "quant-static-residual")
 
 
+# Widths of aligned rows (N a multiple of 128) that are classes of their
+# own: the kernels hold rows differently by width (several short rows a
+# block; the widest split between warpgroups or chunks), and which kernel
+# wins changes with it. One class for every aligned width sent the bf16
+# quantized output of rows of 896 and 14336 to the Mosaic kernel, 6% and
+# 12% slower there than Triton's (H200 records, speed_table_h200.log).
+NARROW_MAX_COLS = 1024
+MEDIUM_MAX_COLS = 8192
+
+
 def shape_class(m: int, n: int, dtype) -> str:
   """'<dtype>/<rows>/<width>': rows 'decode' (up to 16), 'small' (under 8M
-  elements) or 'large'; width 'aligned' (N a multiple of 128) or
-  'unaligned'."""
+  elements) or 'large'; width 'unaligned' (N not a multiple of 128), else
+  'narrow' (N up to NARROW_MAX_COLS), 'medium' (up to MEDIUM_MAX_COLS) or
+  'wide'."""
   if m <= 16:
     rows = "decode"
   elif m * n < 8 * 1024 * 1024:
     rows = "small"
   else:
     rows = "large"
-  width = "aligned" if n % 128 == 0 else "unaligned"
+  if n % 128:
+    width = "unaligned"
+  elif n <= NARROW_MAX_COLS:
+    width = "narrow"
+  elif n <= MEDIUM_MAX_COLS:
+    width = "medium"
+  else:
+    width = "wide"
   return f"{np.dtype(dtype).name}/{rows}/{width}"
 
 
