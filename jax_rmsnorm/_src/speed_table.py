@@ -2,8 +2,8 @@
 generation, op, dtype and shape class, as the benchmark suite measured it.
 
 The table is data (`data/speed_table.json`), written by
-`python -m benchmarks.benchmark_rmsnorm --write-table` from one run on one
-card and shipped with the package. Looking it up is a pure function of its
+`python -m benchmarks.speed_table` from the benchmark records of one card
+and shipped with the package. Looking it up is a pure function of its
 arguments: no autotuning at call time. Classes the table does not name
 take `DEFAULT`.
 """
