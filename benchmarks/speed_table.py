@@ -5,9 +5,9 @@ output: quant with dynamic and quant-static with static scales, each also
 with the residual, `speed_table.OPS`) and each shape class
 (`speed_table.shape_class`: dtype, decode/small/large rows, narrow,
 medium or wide aligned N, or unaligned N), the table names the
-implementation to run on that GPU generation: the kernel family with the lowest geometric-mean time over the
-class's shapes among those never slower than XLA on any of them (within
-NOISE), else XLA.
+implementation to run on that GPU generation: the kernel family with the
+lowest geometric-mean time over the class's shapes among those never
+slower than XLA on any of them (within NOISE), else XLA.
 The backward is chosen from the `step` records (y, dx and d(scale) from one
 jit: what a training step pays), with each family's own forward swapped for
 the forward the table chose: step(k) - forward(k) + forward(chosen), the
