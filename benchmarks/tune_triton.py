@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax_rmsnorm._src import api
 from jax_rmsnorm._src import bench
 from jax_rmsnorm._src import reference
+from jax_rmsnorm._src import speed_table
 from jax_rmsnorm._src import testing
 from jax_rmsnorm._src.triton import backward as triton_backward
 from jax_rmsnorm._src.triton import config as triton_config
@@ -568,8 +569,7 @@ def _quant_row(m, n, dtype, iterations, static: bool, residual: bool,
           ("h",)))
     return testing.worst_of(*worst)
 
-  op = "quant" + ("-static" if static else "") + (
-      "-residual" if residual else "")
+  op = speed_table.quant_op(static=static, residual=residual)
   xla = jax.jit(lambda a, s, res: api.rms_norm_quantized(
       a, s, quant_dtype=bench.QUANT_DTYPE, quant_scale=quant_scale,
       residual=res, implementation="xla"))

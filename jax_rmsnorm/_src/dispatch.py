@@ -251,8 +251,8 @@ def run_quantized(x, residual, scale, quant_scale, opts: validation.Options,
   # Dynamic and static scales, with and without the residual, are separate
   # ops to the speed table: XLA fuses a static quantization into its norm,
   # not a dynamic one, and the residual's tensors change which kernel wins.
-  op = ("quant" + ("" if quant_scale is None else "-static")
-        + ("" if residual is None else "-residual"))
+  op = speed_table.quant_op(static=quant_scale is not None,
+                           residual=residual is not None)
   p = plan((op,), problem, names, interpret)
   logger.debug("rms_norm_quantized: %s for x %s %s", p, x.shape, x.dtype)
   static = dict(epsilon=opts.epsilon, scale_offset=opts.scale_offset,

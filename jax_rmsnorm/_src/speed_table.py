@@ -25,6 +25,13 @@ OPS = ("forward", "backward", "quant", "quant-static", "quant-residual",
        "quant-static-residual")
 
 
+def quant_op(*, static: bool, residual: bool) -> str:
+  """The op of OPS a quantized output is: with a `static` scale or a
+  dynamic one, with a `residual` or without."""
+  return ("quant" + ("-static" if static else "")
+          + ("-residual" if residual else ""))
+
+
 # Widths of aligned rows (N a multiple of 128) that are classes of their
 # own: the kernels hold rows differently by width (several short rows a
 # block; the widest split between warpgroups or chunks), and which kernel
