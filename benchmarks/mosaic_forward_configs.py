@@ -1,6 +1,6 @@
 """The Mosaic forward and its quantized outputs (`--kinds`: the forward,
-float8 codes with a dynamic or a static scale, either with a residual)
-launched with other block sizes, pipeline depths and CTAs an SM than
+float8 codes with a dynamic or a static scale, one value or one a column,
+with a residual or not) launched with other block sizes, pipeline depths and CTAs an SM than
 `get_config` picks, against the Triton kernel and the copy ceiling (H200
 sweep).
 
@@ -12,9 +12,13 @@ memory of that many CTAs holds; vec, the warpgroups and so every row's
 arithmetic stay the heuristic's, so each variant's output must equal the
 heuristic's bit for bit (checked on the full batch; the heuristic's own
 forward against the float64 oracle), then all are timed in alternating
-rounds (`sweep.time_alternated`) beside implementation="triton". Results go to a JSON file.
+rounds (`sweep.time_alternated`) beside implementation="triton". With
+`--columns-in-smem`, where the heuristic reads the per-column vectors from
+GMEM, the launches with them in shared memory too. Results go to a JSON
+file.
 
   python -m benchmarks.mosaic_forward_configs --kinds fwd quant --out c.json
+  python -m benchmarks.mosaic_forward_configs --kinds channel --columns-in-smem
 """
 
 from __future__ import annotations
@@ -81,12 +85,14 @@ def kinds(n: int, itemsize: int) -> dict:
   """kind -> (mosaic(config) -> fn, the Triton kernel's fn, shared memory
   bytes of one row in one stage, totals a split row hands over); every fn
   maps (x, residual, scale) to its outputs. "fwd": y; "quant": dynamic
-  float8 codes and row scales; "static": codes of a static scale;
-  "residual": the dynamic codes, row scales and h of x + residual;
-  "static-residual": the static scale's codes and h."""
+  float8 codes and row scales; "static": codes of a static scale (one
+  value); "channel": of a static scale a column; "residual": the dynamic
+  codes, row scales and h of x + residual; "static-residual": the static
+  scale's codes and h."""
   eps = dict(epsilon=EPS, scale_offset=0.0)
   q = dict(quant_dtype="float8_e4m3fn")
   static = jnp.float32(STATIC_SCALE)
+  channel = jnp.full((n,), STATIC_SCALE, jnp.float32)
   triton = dict(implementation="triton")
   return {
       "fwd": (lambda c: lambda x, r, s: mosaic_forward.forward(
@@ -103,6 +109,11 @@ def kinds(n: int, itemsize: int) -> dict:
                  lambda x, r, s: jax_rmsnorm.rms_norm_quantized(
                      x, s, quant_scale=static, **q, **triton),
                  n * (itemsize + 1), 1),
+      "channel": (lambda c: lambda x, r, s: mosaic_quantize.forward(
+          x, None, s, channel, config=c, **eps, **q)[:1],
+                  lambda x, r, s: jax_rmsnorm.rms_norm_quantized(
+                      x, s, quant_scale=channel, **q, **triton),
+                  n * (itemsize + 1), 1),
       "residual": (lambda c: lambda x, r, s: mosaic_quantize.forward(
           x, r, s, None, config=c, **eps, **q),
                    lambda x, r, s: jax_rmsnorm.rms_norm_quantized(
@@ -118,7 +129,8 @@ def kinds(n: int, itemsize: int) -> dict:
 
 
 def run_shape(m: int, n: int, dtype: str, kinds_run: list[str],
-              launches: bool, iterations: int) -> dict:
+              launches: bool, columns_in_smem: bool, iterations: int
+              ) -> dict:
   x, scale = testing.random_inputs(1, (m, n), dtype)
   residual = testing.random_inputs(2, (m, n), dtype)[0]
   args = (x, residual, scale)
@@ -128,15 +140,21 @@ def run_shape(m: int, n: int, dtype: str, kinds_run: list[str],
   for kind in kinds_run:
     mosaic, triton, row_bytes, totals = kinds(n, itemsize)[kind]
     base = sweep.launched_config(mosaic(None), *args)
-    # The scale, and where rows split the totals handed over.
-    fixed = n * itemsize + common.RowTotals.smem_bytes(
-        totals, base.warpgroups, base.chunk_cols)
+    # The scale (and a per-channel reciprocal), and where rows split the
+    # totals handed over.
+    fixed = n * itemsize + 4 * n * (kind == "channel") + (
+        common.RowTotals.smem_bytes(totals, base.warpgroups,
+                                    base.chunk_cols))
     chunks = common.Chunks(n // base.warpgroups, base.chunk_cols)
     holds = lambda c, chunks=chunks: mosaic_config.forward_holds_chunks(
         c, chunks.count + chunks.has_tail, chunks.count <= chunks.UNROLL)
     expected = None
-    for name, config in variants(base, row_bytes, fixed, launches,
-                                 holds).items():
+    configs = variants(base, row_bytes, fixed, launches, holds)
+    if columns_in_smem and not base.scale_in_smem:
+      configs.update({f"smem_{name}": config for name, config in variants(
+          dataclasses.replace(base, scale_in_smem=True), row_bytes, fixed,
+          True, holds).items()})
+    for name, config in configs.items():
       fn = jax.jit(mosaic(config))
       try:
         out = jax.block_until_ready(fn(*args))
@@ -173,19 +191,26 @@ def main(argv=None) -> int:
       shapes=SHAPES, run_shape=run_shape,
       add_arguments=_add_arguments,
       options=lambda args: dict(kinds_run=args.kinds,
-                                launches=not args.hold_only))
+                                launches=not args.hold_only,
+                                columns_in_smem=args.columns_in_smem))
 
 
 def _add_arguments(parser) -> None:
   parser.add_argument(
       "--kinds", nargs="+", default=["fwd", "quant"],
-      choices=("fwd", "quant", "static", "residual", "static-residual"),
+      choices=("fwd", "quant", "static", "channel", "residual",
+               "static-residual"),
       help="what to sweep (default: the forward and the dynamic float8 "
       "output)")
   parser.add_argument(
       "--hold-only", action="store_true",
       help="only the heuristic's launch, with its chunks held and read "
       "again (Config.hold_chunks)")
+  parser.add_argument(
+      "--columns-in-smem", action="store_true",
+      help="where the heuristic reads the scale (and a per-channel "
+      "reciprocal) from GMEM, also every launch with them in shared memory "
+      "(Config.scale_in_smem)")
 
 
 if __name__ == "__main__":

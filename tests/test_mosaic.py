@@ -257,6 +257,7 @@ SPLIT_QUANT_CASES = [
     ((2, 9216), "bfloat16", "bfloat16", "float8_e4m3fn", "dynamic", "float32"),
     ((2, 8704), "float32", None, "float8_e5m2", "dynamic", "hf"),
     ((2, 16384), "float32", None, "float8_e4m3fn", "channel", "float32"),
+    ((2, 9216), "bfloat16", "bfloat16", "int8", "scalar", "float32"),
 ]
 
 
@@ -518,6 +519,31 @@ def test_dynamic_quantized_output_launches_more_ctas():
   assert place(launched(mosaic_forward.forward, x, None, scale)) == (2, 4, 3)
 
 
+@pytest.mark.usefixtures("_sm90_grid")
+def test_per_channel_reciprocal_goes_to_shared_memory_first():
+  """A per-channel static scale's reciprocal and the scale go to shared
+  memory on fewer CTAs or stages rather than stay in GMEM (`get_config`'s
+  columns_first; measured faster); one static value leaves the launch
+  alone."""
+  launched = lambda m, n, dtype, quant_scale: sweep.launched_config(
+      functools.partial(mosaic_quantize.forward, epsilon=EPS,
+                        scale_offset=0.0, quant_dtype=jnp.float8_e4m3fn),
+      jax.ShapeDtypeStruct((m, n), dtype), None,
+      jax.ShapeDtypeStruct((n,), dtype), quant_scale)
+  place = lambda c: (c.ctas_per_sm, c.stages, c.scale_in_smem)
+  channel = lambda n: jax.ShapeDtypeStruct((n,), jnp.float32)
+  one = jax.ShapeDtypeStruct((), jnp.float32)
+  assert place(launched(4096, 14336, jnp.bfloat16, channel(14336))) == (
+      1, 3, True)
+  assert place(launched(16384, 8192, jnp.bfloat16, channel(8192))) == (
+      2, 2, True)
+  assert place(launched(16384, 8192, jnp.float32, channel(8192))) == (
+      1, 3, True)
+  assert place(launched(4096, 14336, jnp.float32, channel(14336))) == (
+      1, 1, True)
+  assert place(launched(16384, 8192, jnp.bfloat16, one)) == (2, 3, True)
+
+
 @requires_interpret
 @pytest.mark.parametrize("shape,dtype,res_dtype,quant_dtype,cast_order", [
     ((6, 1024), "bfloat16", "float32", None, "hf"),        # h held, y
@@ -547,6 +573,35 @@ def test_held_chunks_and_chunks_read_again_agree(shape, dtype, res_dtype,
   again = jax.jit(functools.partial(
       fn, config=dataclasses.replace(config, hold_chunks=False)))(*args)
   for a, b in zip(held, again):
+    if a is not None:
+      np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                    np.asarray(b, np.float32))
+
+
+@requires_interpret
+@pytest.mark.parametrize("shape,dtype,res_dtype", [
+    ((5, 1024), "bfloat16", None),
+    ((3, 2560), "float32", "float32"),      # a tail chunk
+], ids=str)
+def test_per_channel_reciprocal_in_shared_memory_or_not(shape, dtype,
+                                                        res_dtype):
+  """A per-channel static scale's reciprocal is copied into shared memory
+  with the scale (Config.scale_in_smem) or read from GMEM chunk by chunk:
+  the same codes bit for bit; where a scale of one value is given, its
+  reciprocal is read once a block (checked against the oracle by the
+  tests above)."""
+  x, residual, scale = test_quantize._inputs(shape, dtype, res_dtype)
+  quant_scale = test_quantize._static_scale("channel", shape[-1],
+                                            "float8_e4m3fn")
+  fn = functools.partial(mosaic_quantize.forward, epsilon=EPS,
+                         scale_offset=0.0, quant_dtype="float8_e4m3fn",
+                         interpret=True)
+  args = (x, residual, scale, quant_scale)
+  config = sweep.launched_config(fn, *args)
+  assert config.scale_in_smem
+  outs = [jax.jit(functools.partial(fn, config=dataclasses.replace(
+      config, scale_in_smem=in_smem)))(*args) for in_smem in (True, False)]
+  for a, b in zip(*outs):
     if a is not None:
       np.testing.assert_array_equal(np.asarray(a, np.float32),
                                     np.asarray(b, np.float32))
@@ -647,24 +702,31 @@ def test_kernels_lower_for_cuda(m, n, dtype, res_dtype, scale_dtype,
 
 
 # The quantized kernel: every quant dtype and scale mode, the residual, the
-# widths of the large shapes (896 with a tail).
+# widths of the large shapes (896 with a tail), a scale of x's dtype (the
+# per-channel reciprocal, float32, then fixes vec: at most 16 bytes a
+# thread from shared memory).
 QUANT_LOWERING_CASES = [
-    (32768, 896, "bfloat16", None, "float8_e4m3fn", "dynamic"),
-    (32768, 4096, "bfloat16", "bfloat16", "float8_e4m3fn", "dynamic"),
-    (8192, 5120, "bfloat16", None, "int8", "channel"),
-    (4096, 14336, "bfloat16", "bfloat16", "float8_e5m2", "scalar"),
-    (16, 4096, "float32", None, "int8", "dynamic"),
+    (32768, 896, "bfloat16", None, "float8_e4m3fn", "dynamic", "float32"),
+    (32768, 4096, "bfloat16", "bfloat16", "float8_e4m3fn", "dynamic",
+     "float32"),
+    (8192, 5120, "bfloat16", None, "int8", "channel", "float32"),
+    (4096, 14336, "bfloat16", "bfloat16", "float8_e5m2", "scalar", "float32"),
+    (16, 4096, "float32", None, "int8", "dynamic", "float32"),
+    (32768, 4096, "float32", "float32", "float8_e4m3fn", "channel",
+     "float32"),
+    (65536, 896, "bfloat16", None, "float8_e4m3fn", "scalar", "bfloat16"),
+    (32768, 4096, "bfloat16", None, "float8_e4m3fn", "channel", "bfloat16"),
 ]
 
 
 @pytest.mark.usefixtures("_sm90_grid")
-@pytest.mark.parametrize("m,n,dtype,res_dtype,quant_dtype,mode",
+@pytest.mark.parametrize("m,n,dtype,res_dtype,quant_dtype,mode,scale_dtype",
                          QUANT_LOWERING_CASES, ids=str)
 def test_quantized_kernel_lowers_for_cuda(m, n, dtype, res_dtype, quant_dtype,
-                                          mode):
+                                          mode, scale_dtype):
   x = _struct((m, n), dtype)
   residual = _struct((m, n), res_dtype)
-  scale = _struct((n,), "float32")
+  scale = _struct((n,), scale_dtype)
   quant_scale = {"dynamic": None, "scalar": _struct((), "float32"),
                  "channel": _struct((n,), "float32")}[mode]
   fn = functools.partial(mosaic_quantize.forward, epsilon=EPS,

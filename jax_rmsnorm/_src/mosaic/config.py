@@ -61,9 +61,9 @@ class Config:
     stages: blocks of rows held in shared memory at once: the copy of the
       next stages - 1 blocks runs while one is computed.
     ctas_per_sm: CTAs launched per SM (the grid is persistent).
-    scale_in_smem: the scale is copied into shared memory once per CTA;
-      otherwise every chunk reads it from GMEM (L1/L2), where shared memory
-      is short.
+    scale_in_smem: the scale (and the forward's per-channel static
+      reciprocal) is copied into shared memory once per CTA; otherwise
+      every chunk reads it from GMEM (L1/L2), where shared memory is short.
     dh_in_smem: the backward's extra gradient dh comes in by TMA with x and
       dy; otherwise its chunks are loaded from GMEM straight into registers
       (it is read once), where shared memory is short.
@@ -306,12 +306,26 @@ def smem_budget(ctas_per_sm: int) -> int:
 # 8192 154.4 against 103.1; residual bf16 32768 x 4096 252.4 against
 # 230.6): those keep the order below.
 _CTAS_FIRST = ((4, 2, True, True), (3, 2, True, True))
+# A static scale's reciprocal of one value a column comes with the scale
+# (`mosaic_forward.Quant`): read from GMEM in every chunk, the two vectors
+# (as many bytes a row as x, or more) ran far slower than from shared
+# memory, on fewer CTAs or stages if need be. On an H200 (JAX 0.11.2,
+# CUPTI, bf16 and float32 to float8_e4m3fn, us, GMEM -> shared memory;
+# `python -m benchmarks.mosaic_forward_configs --kinds channel
+# --columns-in-smem`, mosaic_forward_configs_channel_h200.json): bf16 4096
+# x 14336 83.6 -> 57.5 (one CTA, three stages; Triton 66.3), 16384 x 8192
+# 264.4 -> 107.0 (two CTAs, two stages; Triton 169.3), float32 16384 x
+# 8192 203.8 -> 162.6 (one CTA, three stages; Triton 210.0); and where
+# only one stage fits beside them, float32 4096 x 14336: 149.6 on three
+# stages from GMEM, 93.9 on one (the quant-channel record; Triton 96.4).
+# So every launch with them in shared memory is tried first
+# (`columns_first`).
 
 
 def get_config(n: int, row_bytes: int, max_itemsize: int,
                fixed_bytes: int = 0, rows_multiple: int = 1,
                scale_bytes: int = 0, dh_row_bytes: int = 0,
-               ctas_first: bool = False,
+               ctas_first: bool = False, columns_first: bool = False,
                device_kind: str | None = None) -> Config:
   """Picks the launch configuration of a kernel over rows of `n` elements.
 
@@ -319,12 +333,16 @@ def get_config(n: int, row_bytes: int, max_itemsize: int,
   takes in one stage (its operands summed, dh's excluded), `max_itemsize`
   the widest dtype a thread loads, `fixed_bytes` shared memory the kernel
   keeps besides the stages (the backward's d(scale) sums), `rows_multiple`
-  what block_rows must be a multiple of (`row_multiple`). Two operands go
-  through shared memory only where it has room: the scale (`scale_bytes`,
-  once per CTA) and the backward's dh (`dh_row_bytes` a row and stage).
+  what block_rows must be a multiple of (`row_multiple`). Two kinds of
+  operand go through shared memory only where it has room: the per-column
+  vectors (`scale_bytes`: the scale, and the forward's per-channel static
+  reciprocal; once per CTA; Config.scale_in_smem) and the backward's dh
+  (`dh_row_bytes` a row and stage).
   `ctas_first`: first try 4, then 3 CTAs an SM of two stages each with
   the scale in shared memory (`_CTAS_FIRST`; the quantized output with its
-  amax folded into the first pass).
+  amax folded into the first pass). `columns_first`: first try every
+  launch with the per-column vectors in shared memory (a per-channel
+  static reciprocal beside the scale: the comments after _CTAS_FIRST).
   The row count is not an argument: a block never holds more rows than
   there are (`Config.for_rows`), and nothing else depends on it.
   `device_kind` is accepted so that callers need not change when a card
@@ -346,6 +364,8 @@ def get_config(n: int, row_bytes: int, max_itemsize: int,
                 for dh in (True, False) for scale in (True, False)]
   if ctas_first:
     candidates = list(_CTAS_FIRST) + candidates
+  if columns_first:
+    candidates.sort(key=lambda candidate: not candidate[2])
   for ctas_per_sm, min_stages, scale_in_smem, dh_in_smem in candidates:
     room = smem_budget(ctas_per_sm) - fixed_bytes - (
         scale_bytes if scale_in_smem else 0)

@@ -29,11 +29,14 @@ KERNEL_NAME = "jax_rmsnorm_mosaic_fwd"
 @dataclasses.dataclass(frozen=True)
 class Quant:
   """y written as `dtype` codes (rms_norm_quantized; `mosaic/quantize.py`):
-  y times the reciprocal of a static scale, an input of n float32 per
-  column (`static`), or of each row's scale, amax / qmax, which is written
-  where rstd would be."""
+  y times the reciprocal of a static scale (`static`), an input of one
+  float32 (read once a block) or, `per_channel`, of n float32 per column
+  (staged in shared memory with the scale where config.scale_in_smem),
+  or times that of each row's scale, amax / qmax, which is written where
+  rstd would be."""
   dtype: jnp.dtype
   static: bool
+  per_channel: bool = False
 
 
 def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
@@ -53,10 +56,11 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
 
   Refs: x, [residual], [scale], [the static quant scale's reciprocal], y,
   [h], [rstd, or the dynamic quant scales] in GMEM; then the SMEM
-  buffers x (W, stages, rows, n / W), [residual], [y], [scale (W, n / W)
-  (when config.scale_in_smem: copied once per CTA)], [for W > 1:
+  buffers x (W, stages, rows, n / W), [residual], [y], [scale (W, n / W)],
+  [the per-channel reciprocal (W, n / W)] (these two when
+  config.scale_in_smem: copied once per CTA), [for W > 1:
   common.RowTotals' scratch], the load barriers (W * stages) and [the
-  scale's barriers (W)]. With a residual, h = x + residual
+  barriers of the copies once per CTA (W)]. With a residual, h = x + residual
   rounded to residual's dtype is written over the residual's buffer, and
   that is the row normalized; y is written over x's buffer when it has x's
   dtype (`y_in_place`).
@@ -84,18 +88,26 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   x_smem = refs.pop(0)
   r_smem = refs.pop(0) if has_residual else None
   y_smem = x_smem if y_in_place else refs.pop(0)
+  per_channel = quant is not None and quant.per_channel
   w_smem = refs.pop(0) if has_scale and config.scale_in_smem else None
+  inv_smem = refs.pop(0) if per_channel and config.scale_in_smem else None
   if slices > 1:
     row_totals = common.RowTotals(refs, slices, wg, config.vec, interpret)
   barrier = refs.pop(0)
-  w_barrier = refs.pop(0) if w_smem is not None else None
+  once_barrier = (refs.pop(0) if w_smem is not None or inv_smem is not None
+                  else None)
   assert not refs, refs
   # Warpgroup wg's slice of every operand (the whole of it where W is 1).
   x_smem, y_smem = x_smem.at[wg], y_smem.at[wg]
   if r_smem is not None:
     r_smem = r_smem.at[wg]
-  w_gmem, w_smem, inv_gmem = (None if ref is None else ref.at[wg]
-                              for ref in (w_gmem, w_smem, inv_gmem))
+  w_gmem, w_smem, inv_smem = (None if ref is None else ref.at[wg]
+                              for ref in (w_gmem, w_smem, inv_smem))
+  if per_channel:
+    inv_gmem = inv_gmem.at[wg]
+  # The per-column vectors copied into shared memory once per CTA.
+  once = [(g, s) for g, s in ((w_gmem, w_smem), (inv_gmem, inv_smem))
+          if s is not None]
   first_barrier = wg * config.stages
 
   rows, vec = config.block_rows, config.vec
@@ -129,6 +141,11 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     over a chunk."""
     dims = () if slices > 1 else (0,)
     return common.with_layout(lax.broadcast_in_dim(values, shape, dims),
+                              layout, interpret)
+
+  def splat(value):
+    """A scalar broadcast over a chunk."""
+    return common.with_layout(lax.broadcast_in_dim(value, shape, ()),
                               layout, interpret)
 
   # A dynamic quant scale in the default cast order, without a residual,
@@ -245,12 +262,14 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
         row_scale = quantize.dynamic_scale(amax, quant.dtype)
       store_rows(start, row_scale)
       inv = by_rows(jnp.float32(1) / row_scale)
+    elif quant is not None and not per_channel:
+      inv = splat(inv_gmem[0])  # A static scale's one reciprocal.
 
     def codes(k, y):
       """y of chunk k as the quantized output's values (cast on the store):
       scaled and saturated. Hopper's fp8 convert saturates (satfinite);
       interpret mode's (XLA's) does not, and int8 rounds after the clip."""
-      inv_k = columns_of(k, inv_gmem) if quant.static else inv
+      inv_k = columns_of(k, inv_gmem, inv_smem) if per_channel else inv
       return quantize.saturate(y * inv_k, quant.dtype,
                                clip=interpret or quant.dtype == jnp.int8,
                                round_even=jnp.round)
@@ -297,13 +316,13 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
                        last=i == len(outs) - 1)
 
   cta = lax.axis_index("ctas")
-  if w_smem is not None:
-    common.copy_in(w_gmem, w_smem, w_barrier.at[wg])
+  for src, dst in once:
+    common.copy_in(src, dst, once_barrier.at[wg])
   common.pipeline(
       blocks, cta, config.stages, barrier, load=load_block, compute=compute,
       store=store_block, first_barrier=first_barrier,
-      before_loop=(None if w_smem is None
-                   else lambda: plgpu.barrier_wait(w_barrier.at[wg])))
+      before_loop=(None if not once
+                   else lambda: plgpu.barrier_wait(once_barrier.at[wg])))
 
 
 def _folds_amax(quant: Quant | None, has_residual: bool,
@@ -331,14 +350,15 @@ def forward(x: jax.Array, residual: jax.Array | None,
   """RMSNorm of validated, non-empty `x` (plus `residual`) in one kernel.
 
   quant_dtype: y as quantized codes of this dtype (out_dtype and save_rstd
-  are then ignored), times `quant_inv` ((n,) float32: 1 / a static scale)
-  or, without it, times 1 / each row's scale (amax / qmax), which takes
-  rstd's place in the outputs. Raises NotImplementedError past the
+  are then ignored), times `quant_inv` (float32, 1 / a static scale: (1,)
+  for one scale, (n,) for one a column) or, without it, times 1 / each
+  row's scale (amax / qmax), which takes rstd's place in the outputs. Raises NotImplementedError past the
   kernel's limits (`common.check_supported`).
   """
   quant = None
   if quant_dtype is not None:
-    quant = Quant(jnp.dtype(quant_dtype), static=quant_inv is not None)
+    quant = Quant(jnp.dtype(quant_dtype), static=quant_inv is not None,
+                  per_channel=quant_inv is not None and quant_inv.size > 1)
     out_dtype, save_rstd = quant.dtype, not quant.static
   n = x.shape[-1]
   m = x.size // n
@@ -355,26 +375,30 @@ def forward(x: jax.Array, residual: jax.Array | None,
     common.check_supported(m, n, y_dtype)
   if scale is not None:
     scale = common.aligned_scale(scale)
+  # The per-channel reciprocal goes where the scale goes (Quant).
+  channel_inv = (common.aligned_scale(quant_inv)
+                 if quant is not None and quant.per_channel else None)
+  columns = [v for v in (scale, channel_inv) if v is not None]
   multiple = max(mosaic_config.row_multiple(n, jnp.dtype(d).itemsize)
                  for d in tiles[:1 + (residual is not None)])
-  # The operands of n columns read in chunks (the widest fixes vec), and
-  # every operand a split row cuts in slices (the static quant scale's
-  # reciprocal too).
-  chunked = [jnp.dtype(d).itemsize for d in tiles] + (
-      [] if scale is None else [scale.dtype.itemsize])
-  itemsizes = chunked + ([] if quant_inv is None else [4])
+  # The operands of n columns, read in chunks (the widest fixes vec: a
+  # thread reads at most 16 bytes of each from shared memory) and cut in
+  # slices where rows split.
+  chunked = [jnp.dtype(d).itemsize for d in tiles] + [
+      v.dtype.itemsize for v in columns]
   if config is None:
     slices, vec_itemsize = mosaic_config.row_slices(
-        "forward" if quant is None else "quant", n, max(chunked), max(chunked[:1 + (residual is not None)]),
-        itemsizes)
+        "forward" if quant is None else "quant", n, max(chunked),
+        max(chunked[:1 + (residual is not None)]), chunked)
     chunk_cols = mosaic_config.THREADS * mosaic_config.pick_vec(
         n, vec_itemsize)
     config = mosaic_config.get_config(
         n, n * sum(jnp.dtype(d).itemsize for d in tiles), vec_itemsize,
         common.RowTotals.smem_bytes(_row_totals(quant), slices, chunk_cols),
-        multiple, 0 if scale is None else scale.size * scale.dtype.itemsize,
+        multiple, sum(v.size * v.dtype.itemsize for v in columns),
         ctas_first=_folds_amax(quant, residual is not None,
                                cast_order == "hf"),
+        columns_first=channel_inv is not None,
         device_kind=platform.device_kind())
     if slices > 1:
       config = dataclasses.replace(config, block_rows=1, warpgroups=slices)
@@ -385,10 +409,10 @@ def forward(x: jax.Array, residual: jax.Array | None,
             row_chunks.count <= row_chunks.UNROLL)))
   slices = config.warpgroups
   if slices > 1:
-    mosaic_config.check_slices(n, slices, config.chunk_cols, itemsizes)
-  if scale is not None:  # Warpgroup w's slice is row w.
-    scale = scale.reshape(slices, -1)
-  scale_in_smem = scale is not None and config.scale_in_smem
+    mosaic_config.check_slices(n, slices, config.chunk_cols, chunked)
+  # Warpgroup w's slice of the per-column vectors is row w.
+  columns = [v.reshape(slices, -1) for v in columns]
+  columns_in_smem = bool(columns) and config.scale_in_smem
   row_chunks = common.Chunks(n // slices, config.chunk_cols)
   if config.hold_chunks and row_chunks.count > row_chunks.UNROLL:
     raise ValueError("Config.hold_chunks needs a row slice of at most "
@@ -405,9 +429,10 @@ def forward(x: jax.Array, residual: jax.Array | None,
   if residual is not None:
     args.append(residual.reshape(m * slices, width))
   if scale is not None:
-    args.append(scale)
+    args.append(columns[0])
   if quant_inv is not None:
-    args.append(quant_inv.reshape(slices, width))
+    args.append(columns[-1] if channel_inv is not None
+                else quant_inv.reshape(1))
   like = (x, residual, scale)
   out_type = [avals.out_struct((m * slices, width), y_dtype, *like)]
   if residual is not None:
@@ -421,15 +446,15 @@ def forward(x: jax.Array, residual: jax.Array | None,
     scratch.append(common.scratch(stage, residual.dtype))
   if not y_in_place:
     scratch.append(common.scratch(stage, y_dtype))
-  if scale_in_smem:
-    scratch.append(common.scratch(scale.shape, scale.dtype))
+  if columns_in_smem:
+    scratch += [common.scratch(v.shape, v.dtype) for v in columns]
   if slices > 1:
     scratch += common.RowTotals.scratch_types(_row_totals(quant), slices,
                                               config.chunk_cols)
   scratch.append(common.barriers(slices * config.stages,
                                  1 + (residual is not None)))
-  if scale_in_smem:
-    scratch.append(common.barriers(slices, 1))
+  if columns_in_smem:
+    scratch.append(common.barriers(slices, len(columns)))
   kernel = functools.partial(
       _forward_kernel, m=m, n=n, config=config, ctas=ctas, eps=epsilon,
       offset=scale_offset, has_residual=residual is not None,

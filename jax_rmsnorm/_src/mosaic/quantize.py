@@ -47,7 +47,8 @@ def forward(x: jax.Array, residual: jax.Array | None,
   quant_scale: None for dynamic per-row scales (returned as row_scales, of
   shape x.shape[:-1] + (1,), float32), or a validated static float32 scale
   of shape () or (N,); its reciprocal is computed here by XLA, as in the
-  reference, and read per column (a scalar is broadcast to N first).
+  reference: one value read once a block, or N read per column (from
+  shared memory where it fits; `mosaic_forward.Quant`).
 
   Returns (y_q, row_scales or None, h or None). Raises NotImplementedError
   where `check_supported` does (or the forward kernel's limits for these
@@ -61,8 +62,7 @@ def forward(x: jax.Array, residual: jax.Array | None,
   static = quant_scale is not None
   inv = None
   if static:
-    inv = jnp.broadcast_to(
-        jnp.float32(1) / quant_scale.astype(jnp.float32).reshape(-1), (n,))
+    inv = jnp.float32(1) / quant_scale.astype(jnp.float32).reshape(-1)
   logger.debug("rms_norm mosaic quantized forward: rows=%d n=%d dtype=%s "
                "quant_dtype=%s scale=%s residual=%s", m, n, x.dtype,
                quant_dtype, "static" if static else "dynamic",
