@@ -1,8 +1,9 @@
 """Writes the automatic choice's table from benchmark records of one card.
 
 For each op the package chooses for (forward, backward, and the quantized
-output: quant with dynamic and quant-static with static scales, each also
-with the residual, `speed_table.OPS`) and each shape class
+output: quant with dynamic, quant-static with static scales of one value
+and quant-channel of one a column, each also with the residual,
+`speed_table.OPS`) and each shape class
 (`speed_table.shape_class`: dtype, decode/small/large rows, narrow,
 medium or wide aligned N, or unaligned N), the table names the
 implementation to run on that GPU generation: the kernel family with the

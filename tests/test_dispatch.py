@@ -143,20 +143,22 @@ def test_table_choice_of_xla_runs_the_reference(monkeypatch):
 
 
 def test_quantized_output_asks_the_table_for_its_own_op(monkeypatch):
-  """Each form of the quantized output (dynamic or static scale, with or
-  without the residual) is its own op to the speed table: the kernel that
-  wins differs between them (`speed_table.OPS`)."""
+  """Each form of the quantized output (dynamic scale, static scale of one
+  value or of one a column, with or without the residual) is its own op to
+  the speed table: the kernel that wins differs between them
+  (`speed_table.OPS`)."""
   import jax_rmsnorm
   asked = []
   monkeypatch.setattr(speed_table, "choose",
                       lambda op, *a: asked.append(op) or "xla")
   x = jnp.ones((4, 128), jnp.bfloat16)
   for residual in (None, x):
-    for quant_scale in (None, jnp.float32(0.5)):
+    for quant_scale in (None, jnp.float32(0.5), jnp.full((128,), 0.5)):
       jax_rmsnorm.rms_norm_quantized(x, residual=residual,
                                      quant_scale=quant_scale)
-  assert asked == ["quant", "quant-static", "quant-residual",
-                   "quant-static-residual"]
+  assert asked == ["quant", "quant-static", "quant-channel",
+                   "quant-residual", "quant-static-residual",
+                   "quant-channel-residual"]
   assert set(asked) <= set(speed_table.OPS)
 
 

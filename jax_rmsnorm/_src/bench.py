@@ -32,7 +32,8 @@ from jax_rmsnorm._src.triton import common as triton_common
 logger = logging.getLogger("jax_rmsnorm")
 
 OPS = ("forward", "backward", "add", "step", "quant", "quant-static",
-       "quant-residual", "quant-static-residual")
+       "quant-residual", "quant-static-residual", "quant-channel",
+       "quant-channel-residual")
 
 # What each op's byte count holds: the fewest bytes it can move, each array
 # read or written once.
@@ -46,6 +47,10 @@ BYTES_MOVED = {
     "quant-residual": "read x, residual, scale; write y_q (1 byte), h, "
                       "row scales",
     "quant-static-residual": "read x, residual, scale; write y_q (1 byte), h",
+    "quant-channel": "read x, scale, quant scale (N float32); write y_q "
+                     "(1 byte)",
+    "quant-channel-residual": "read x, residual, scale, quant scale (N "
+                              "float32); write y_q (1 byte), h",
 }
 
 
@@ -105,13 +110,16 @@ def step_bytes(m: int, n: int, dtype, scale_dtype) -> int:
 
 def quant_bytes(op: str):
   """The byte count of a quantized op: x (and residual, h) in x's dtype,
-  y_q one byte an element, the row scales float32 (dynamic)."""
+  y_q one byte an element, the row scales float32 (dynamic), a static
+  scale of one float32 a column ("channel")."""
   def count(m: int, n: int, dtype, scale_dtype) -> int:
     item = np.dtype(dtype).itemsize
     total = m * n * (item + 1) + n * np.dtype(scale_dtype).itemsize
     if "residual" in op:
       total += 2 * m * n * item
-    if "static" not in op:
+    if "channel" in op:
+      total += 4 * n
+    elif "static" not in op:
       total += 4 * m
     return total
   return count
@@ -120,9 +128,16 @@ def quant_bytes(op: str):
 OP_BYTES = {"forward": forward_bytes, "backward": backward_bytes,
             "add": add_bytes, "step": step_bytes,
             **{op: quant_bytes(op) for op in OPS if op.startswith("quant")}}
-# The quantized ops' output dtype and static scale.
+# The quantized ops' output dtype and static scale (one value, or one a
+# column: this one times 0.5 to 2, varying from column to column).
 QUANT_DTYPE = "float8_e4m3fn"
 QUANT_STATIC_SCALE = 0.01
+
+
+def channel_scale(n: int) -> jax.Array:
+  """The "quant-channel" ops' static scale of one value a column."""
+  return jnp.asarray(QUANT_STATIC_SCALE * (0.5 + (np.arange(n) % 7) / 4),
+                     jnp.float32)
 
 
 # The copy ceiling --------------------------------------------------------
@@ -259,9 +274,10 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
   forward included), "add" (add_rms_norm; XLA runs the unfused add then
   norm), "step" (y, dx and d(scale) from one jit: the forward and its
   vjp, against the same with implementation="xla") or "quant..."
-  (rms_norm_quantized to float8_e4m3fn, dynamic or "-static", with or
-  without "-residual"; XLA runs the reference: the norm, then the amax and
-  the quantization, as many kernels as it fuses them into).
+  (rms_norm_quantized to float8_e4m3fn, dynamic, "-static" (one scale) or
+  "-channel" (a static scale a column), with or without "-residual"; XLA
+  runs the reference: the norm, then the amax and the quantization, as
+  many kernels as it fuses them into).
   implementations: the kernel families to run beside XLA, which always runs
   as the baseline, and "auto" for implementation=None (the speed table's
   choice). interpret: run the kernels in Pallas interpret mode (a
@@ -335,7 +351,8 @@ def bench_op(op: str, m: int, n: int, dtype: str, *,
       return jax.jit(step_fn(**kwargs(name))), (x, scale, dy), check
   elif op.startswith("quant"):
     residual = other if "residual" in op else None
-    static = QUANT_STATIC_SCALE if "static" in op else None
+    static = (QUANT_STATIC_SCALE if "static" in op
+              else channel_scale(n) if "channel" in op else None)
     h = None if residual is None else np.asarray(
         reference.residual_add(x, residual))
     y64 = testing.oracle(x if h is None else h, scale)

@@ -248,11 +248,13 @@ def run_quantized(x, residual, scale, quant_scale, opts: validation.Options,
   arrays; quant_scale None (dynamic), (1,) or (N,). Not differentiable."""
   n = x.shape[-1]
   problem = Problem(x.size // n, n, x.dtype, jnp.dtype(quant_dtype))
-  # Dynamic and static scales, with and without the residual, are separate
-  # ops to the speed table: XLA fuses a static quantization into its norm,
-  # not a dynamic one, and the residual's tensors change which kernel wins.
-  op = speed_table.quant_op(static=quant_scale is not None,
-                           residual=residual is not None)
+  # Dynamic and static scales (one value, or one a column), with and
+  # without the residual, are separate ops to the speed table: XLA fuses a
+  # static quantization into its norm, not a dynamic one, and a vector of
+  # scales or the residual's tensors change which kernel wins.
+  op = speed_table.quant_op(
+      static=quant_scale is not None, residual=residual is not None,
+      per_channel=quant_scale is not None and quant_scale.size > 1)
   p = plan((op,), problem, names, interpret)
   logger.debug("rms_norm_quantized: %s for x %s %s", p, x.shape, x.dtype)
   static = dict(epsilon=opts.epsilon, scale_offset=opts.scale_offset,

@@ -18,18 +18,22 @@ import numpy as np
 
 TABLE_PATH = pathlib.Path(__file__).parent / "data" / "speed_table.json"
 DEFAULT = "triton"
-# The quantized output is four ops: a static scale lets XLA fuse the
-# quantization into its norm, a residual adds a tensor each way, and the
-# faster kernel differs between them.
+# The quantized output is six ops: a static scale lets XLA fuse the
+# quantization into its norm, a static scale of one value a column is one
+# more vector for the kernels to hold (the Mosaic kernel's shared memory),
+# a residual adds a tensor each way, and the faster kernel differs between
+# them.
 OPS = ("forward", "backward", "quant", "quant-static", "quant-residual",
-       "quant-static-residual")
+       "quant-static-residual", "quant-channel", "quant-channel-residual")
 
 
-def quant_op(*, static: bool, residual: bool) -> str:
-  """The op of OPS a quantized output is: with a `static` scale or a
-  dynamic one, with a `residual` or without."""
-  return ("quant" + ("-static" if static else "")
-          + ("-residual" if residual else ""))
+def quant_op(*, static: bool, residual: bool, per_channel: bool = False
+             ) -> str:
+  """The op of OPS a quantized output is: with a `static` scale (of one
+  value a column where `per_channel`) or a dynamic one, with a `residual`
+  or without."""
+  kind = "-channel" if per_channel else "-static" if static else ""
+  return "quant" + kind + ("-residual" if residual else "")
 
 
 # Widths of aligned rows (N a multiple of 128) that are classes of their
