@@ -35,8 +35,10 @@ for step in $steps; do
     table)
       python3 -m benchmarks.speed_table "$out"/*_"$card".json || status=1 ;;
     auto)
-      $bench --implementations auto --ops forward step quant \
-          --out "$out/auto" 2>&1 | grep -v '%|' || status=1 ;;
+      $bench --implementations auto --ops forward step quant quant-static \
+          quant-residual quant-static-residual quant-channel \
+          quant-channel-residual --out "$out/auto" 2>&1 | grep -v '%|' \
+          || status=1 ;;
     main)
       python3 -m jax_rmsnorm > "$out/main_job.log" 2>&1 || status=1
       tail -n 3 "$out/main_job.log" ;;
