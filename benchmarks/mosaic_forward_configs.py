@@ -1,8 +1,8 @@
 """The Mosaic forward and its quantized outputs (`--kinds`: the forward,
 float8 codes with a dynamic or a static scale, one value or one a column,
-with a residual or not) launched with other block sizes, pipeline depths and CTAs an SM than
-`get_config` picks, against the Triton kernel and the copy ceiling (H200
-sweep).
+with a residual or not) launched with other block sizes, pipeline depths
+and CTAs an SM than `get_config` picks, against the Triton kernel and the
+copy ceiling (H200 sweep).
 
 For every shape: the heuristic's configuration, the same with the
 forward's chunks held in registers or read again from shared memory

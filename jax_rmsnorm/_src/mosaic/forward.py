@@ -60,10 +60,10 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
   [the per-channel reciprocal (W, n / W)] (these two when
   config.scale_in_smem: copied once per CTA), [for W > 1:
   common.RowTotals' scratch], the load barriers (W * stages) and [the
-  barriers of the copies once per CTA (W)]. With a residual, h = x + residual
-  rounded to residual's dtype is written over the residual's buffer, and
-  that is the row normalized; y is written over x's buffer when it has x's
-  dtype (`y_in_place`).
+  barriers of the copies once per CTA (W)]. With a residual, h = x +
+  residual rounded to residual's dtype is written over the residual's
+  buffer, and that is the row normalized; y is written over x's buffer
+  when it has x's dtype (`y_in_place`).
 
   A block is read from shared memory twice, chunk by chunk: the first pass
   sums the squares (elementwise over the chunks, then one reduction per
@@ -352,8 +352,9 @@ def forward(x: jax.Array, residual: jax.Array | None,
   quant_dtype: y as quantized codes of this dtype (out_dtype and save_rstd
   are then ignored), times `quant_inv` (float32, 1 / a static scale: (1,)
   for one scale, (n,) for one a column) or, without it, times 1 / each
-  row's scale (amax / qmax), which takes rstd's place in the outputs. Raises NotImplementedError past the
-  kernel's limits (`common.check_supported`).
+  row's scale (amax / qmax), which takes rstd's place in the outputs.
+  Raises NotImplementedError past the kernel's limits
+  (`common.check_supported`).
   """
   quant = None
   if quant_dtype is not None:
