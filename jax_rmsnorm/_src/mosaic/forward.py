@@ -136,16 +136,17 @@ def _forward_kernel(*refs, m: int, n: int, config: mosaic_config.Config,
     """offset + scale of chunk k, float32, broadcast over the rows."""
     return jnp.float32(offset) + columns_of(k, w_gmem, w_smem)
 
-  def by_rows(values):
-    """A (rows,) vector of per-row values (a scalar, where W > 1) broadcast
-    over a chunk."""
-    dims = () if slices > 1 else (0,)
-    return common.with_layout(lax.broadcast_in_dim(values, shape, dims),
-                              layout, interpret)
-
   def splat(value):
     """A scalar broadcast over a chunk."""
     return common.with_layout(lax.broadcast_in_dim(value, shape, ()),
+                              layout, interpret)
+
+  def by_rows(values):
+    """A (rows,) vector of per-row values (a scalar, where W > 1) broadcast
+    over a chunk."""
+    if slices > 1:
+      return splat(values)
+    return common.with_layout(lax.broadcast_in_dim(values, shape, (0,)),
                               layout, interpret)
 
   # A dynamic quant scale in the default cast order, without a residual,
