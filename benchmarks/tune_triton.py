@@ -173,6 +173,14 @@ QUANT_RESIDUAL_FLOAT32_SWEEP = (
     (32768, 4096, "float32"), (2048, 4096, "float32"),
     (4096, 14336, "float32"),
 )
+# Short rows whose reduction crosses warps in the layouts above (a block of
+# rows padded to 1024 spreads each row over several warps): chunks of 128
+# or 256 columns with at least one whole row a warp
+# (`warp_rows_candidates`), for the forward and every quantized variant.
+WARP_ROWS_SWEEP = (
+    (65536, 896, "bfloat16"), (65536, 896, "float32"),
+    (4096, 2048, "bfloat16"),
+)
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP,
           "backward-registers": BACKWARD_REGISTERS_SWEEP,
@@ -189,6 +197,9 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant-residual-layouts-float32": QUANT_RESIDUAL_FLOAT32_SWEEP,
           "quant-static-residual-layouts-float32":
               QUANT_RESIDUAL_FLOAT32_SWEEP,
+          **{f"{op}-warp-rows": WARP_ROWS_SWEEP
+             for op in ("forward", "quant", "quant-static", "quant-residual",
+                        "quant-static-residual")},
           **{f"quant-layouts-{dtype}": tuple((m, n, dtype) for m, n in shapes)
              for dtype, shapes in QUANT_LAYOUT_SWEEPS.items()}}
 
@@ -316,6 +327,33 @@ def layout_candidates(n: int, dtype: str, **fields):
     one = triton_config.Config(rows, chunk, warps, **fields)
     yield one
     for per_sm in (1, 2, 4):
+      if warps * per_sm <= 64:
+        yield dataclasses.replace(one, programs_per_sm=per_sm, prefetch=True,
+                                  hold_scale=True)
+
+
+def warp_rows_candidates(n: int, dtype: str, *, base: triton_config.Config,
+                         **fields):
+  """`base` (the heuristic's choice), then rows held as chunks of 128 or 256
+  columns that divide n (896 = 7 x 128), a block of 2 to 32 rows on as
+  many warps or half as many, so that Triton's layout (16 bytes a thread
+  along the chunk, warps stacked down the rows) keeps each row's reduction
+  inside a warp; 8 to 64 elements a thread (32 for float32); one block a
+  program, or on a persistent grid of 4 or 8 programs an SM loading the
+  next block ahead with the scale held (at most 64 warps an SM). `fields`
+  set on every one."""
+  yield base
+  itemsize = np.dtype(dtype).itemsize
+  max_per_thread = 64 // (itemsize // 2)
+  for chunk, rows, per_warp in itertools.product(
+      (128, 256), (2, 4, 8, 16, 32), (1, 2)):
+    warps = rows // per_warp
+    per_thread = rows * n // (32 * warps)
+    if n % chunk or warps > 16 or not 8 <= per_thread <= max_per_thread:
+      continue
+    one = triton_config.Config(rows, chunk, warps, **fields)
+    yield one
+    for per_sm in (4, 8):
       if warps * per_sm <= 64:
         yield dataclasses.replace(one, programs_per_sm=per_sm, prefetch=True,
                                   hold_scale=True)
@@ -465,15 +503,24 @@ def main(argv=None):
     elif args.sweep == "forward-layouts":
       row = _forward_row(m, n, dtype, args.iterations,
                          dict.fromkeys(forward_layout_candidates(n, dtype)))
+    elif args.sweep == "forward-warp-rows":
+      row = _forward_row(m, n, dtype, args.iterations, dict.fromkeys(
+          warp_rows_candidates(n, dtype,
+                               base=triton_config.get_config(1, n, dtype),
+                               cache_hints=True)))
     elif args.sweep == "forward-persistent":
       row = _forward_row(m, n, dtype, args.iterations,
                          dict.fromkeys(
                              forward_persistent_candidates(n, dtype)))
     elif args.sweep.startswith("quant"):
-      row = _quant_row(m, n, dtype, args.iterations,
-                       static="static" in args.sweep,
-                       residual="residual" in args.sweep,
-                       candidates=QUANT_CANDIDATES.get(args.sweep))
+      static, residual = "static" in args.sweep, "residual" in args.sweep
+      candidates = QUANT_CANDIDATES.get(args.sweep)
+      if args.sweep.endswith("warp-rows"):
+        candidates = functools.partial(
+            warp_rows_candidates, base=triton_config.get_quant_config(
+                1, n, dtype, residual=residual, static=static))
+      row = _quant_row(m, n, dtype, args.iterations, static=static,
+                       residual=residual, candidates=candidates)
     else:
       row = _forward_row(m, n, dtype, args.iterations,
                          (compact_candidates if args.sweep == "forward-h200"

@@ -129,6 +129,7 @@ def assert_top_code(y_q, quant_dtype) -> None:
 CASES = [
     ((13, 896), "bfloat16", None, "float8_e4m3fn", "dynamic", {}),
     ((4, 896), "float32", "float32", "int8", "channel", {}),
+    ((11, 896), "float32", None, "float8_e4m3fn", "scalar", {}),
     ((2, 3, 4096), "bfloat16", "bfloat16", "float8_e5m2", "dynamic", {}),
     ((5, 4096), "float16", None, "int8", "dynamic", {}),
     ((4, 4096), "float32", None, "float8_e4m3fn", "scalar", {}),
@@ -288,13 +289,15 @@ def test_fold_amax_where_measured():
       1, n, dtype, **kw).fold_amax
   for n, dtype in ((4096, "bfloat16"), (8192, "bfloat16"),
                    (4099, "bfloat16"), (14336, "bfloat16"),
-                   (32768, "bfloat16"), (896, "float32"), (4096, "float32"),
+                   (32768, "bfloat16"), (1024, "float32"), (4096, "float32"),
                    (4099, "float32"), (5120, "float32"), (14336, "float32")):
     assert folds(n, dtype), (n, dtype)
     assert not folds(n, dtype, static=True)
     assert not folds(n, dtype, residual=True)
+  # 896 in either dtype: rows a warp each, measured unfolded
+  # (_WARP_ROWS_COLS).
   for n, dtype in ((896, "bfloat16"), (3072, "bfloat16"),
-                   (5120, "bfloat16")):
+                   (5120, "bfloat16"), (896, "float32")):
     assert not folds(n, dtype), (n, dtype)
 
 
@@ -583,7 +586,9 @@ def test_fp8_needs_sm89(monkeypatch):
 # --- the CUDA lowering, on CPU ------------------------------------------------------
 
 LOWERING_SHAPES = [
-    ((3, 896), "bfloat16", "bfloat16"),   # short rows, a persistent grid
+    ((3, 896), "bfloat16", "bfloat16"),   # rows a warp each; with a
+                                          # residual a persistent grid
+    ((5, 896), "float32", None),          # rows a warp each, persistent
     ((2, 14336), "float32", "float32"),   # 7 chunks held in registers
     ((2, 16411), "bfloat16", None),       # chunked loops, prime N
     ((301, 96), "float32", "float32"),    # several rows per program

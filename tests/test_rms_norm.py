@@ -193,6 +193,34 @@ def test_heuristic_is_pure_and_batch_independent(heuristic):
       assert config.block_cols >= n or config.num_chunks(n) > 1
 
 
+def test_narrow_rows_are_held_a_warp_each():
+  """Rows of at most 1024 that are a multiple of 128 but not a power of two
+  are held as chunks of 128 with each row inside one warp (bf16 2 rows on 1
+  warp, float32 8 on 8), without a residual, in the forward and the
+  quantized kernel (triton/config.py, _WARP_ROWS_COLS: 896 measured faster
+  on an H200); other widths and the residual's layouts keep their own."""
+  warp_rows = {"bfloat16": triton_config.Config(2, 128, 1),
+               "float32": triton_config.Config(8, 128, 8)}
+  for n in (384, 640, 768, 896):
+    for dtype, want in warp_rows.items():
+      forward = triton_config.get_config(1, n, dtype)
+      assert forward == dataclasses.replace(want, cache_hints=True), n
+      if dtype == "float32":   # the float32 rows' persistent grid
+        want = dataclasses.replace(want, programs_per_sm=4, prefetch=True,
+                                   hold_scale=True)
+      for static in (False, True):
+        quant = triton_config.get_quant_config(1, n, dtype, static=static)
+        assert quant == want, (n, dtype, static)
+      for get in (functools.partial(triton_config.get_config, residual=True),
+                  functools.partial(triton_config.get_quant_config,
+                                    residual=True)):
+        assert get(1, n, dtype).block_cols > 128, (n, dtype)
+  for n in (512, 1000, 1024, 1152, 2048):
+    for dtype in warp_rows:
+      assert triton_config.get_config(1, n, dtype).block_cols != 128, n
+      assert triton_config.get_quant_config(1, n, dtype).block_cols != 128
+
+
 def test_auto_uses_reference_on_cpu_and_kernel_on_gpu():
   """On a GPU, auto runs what the speed table names for the shape (the
   Triton kernel for float32 2048 x 256 on Hopper; a decode batch there goes
@@ -237,7 +265,7 @@ def test_launch_config_is_logged(caplog):
   x, _ = random_inputs(8, (2, 896), "bfloat16")
   with caplog.at_level(logging.DEBUG, logger="jax_rmsnorm"):
     jax.eval_shape(functools.partial(jax_rmsnorm.rms_norm, interpret=True), x)
-  assert "Config(block_rows=1, block_cols=1024" in caplog.text
+  assert "Config(block_rows=2, block_cols=128, num_warps=1" in caplog.text
 
 
 @requires_gpu

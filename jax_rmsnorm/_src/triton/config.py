@@ -161,6 +161,31 @@ _PERSISTENT_WIDE_CHUNK_BYTES = 8192
 # benchmarks' copy ceiling includes that copy. The backward (within +-2%
 # either way, 14336 slower) and the quantized kernel (no change) keep none.
 _FORWARD_CACHE_HINTS = True
+# Rows of at most 1024 that are a multiple of 128 but not a power of two
+# (896 = 7 x 128), without a residual: a block padded to the next power of
+# two spreads each row over several warps (the sums cross them through
+# shared memory) and masks an eighth of its lanes. They are held as chunks
+# of 128 instead, no padding, each row inside one warp: bf16 2 rows on 1
+# warp (16 lanes a row), float32 8 rows on 8 warps (32 lanes a row). On an
+# H200 (JAX 0.11.2, CUPTI, 65536 x 896, us, against the layouts they
+# replace; `python -m benchmarks.tune_triton --sweep forward-warp-rows`,
+# and quant-, quant-static-, quant-residual- and
+# quant-static-residual-warp-rows, 26 layouts a shape;
+# benchmarks/results/tune_triton_warp_rows_h200.json): the forward bf16
+# 57.1 against 58.7 (the best, 8 rows on 8 warps, 56.9), float32 111.2
+# against 111.9; the quantized kernel with a dynamic scale bf16 48.5
+# against 50.3 (the best), float32 on 4 programs an SM, the amax not
+# folded, 75.7 against 78.9 (the best); with a static scale bf16 43.8
+# against 46.5 (the best), float32 70.7 against 78.9 (one block a program
+# 69.3). With a residual they lost or gained under 2% but for float32 with
+# a static scale (182.1 against 194.6, not taken: one rule for the
+# residual's layouts); rows of 2048 (4096 x 2048) gained nothing but the
+# static scale's 6.4 against 6.9 (not taken). 384, 640 and 768 take the
+# rule untimed.
+_WARP_ROWS_COLS = 128
+_WARP_ROWS_MAX_N = 1024
+_WARP_ROWS_BY_ITEMSIZE = {2: dict(block_rows=2, num_warps=1),
+                          4: dict(block_rows=8, num_warps=8)}
 # A later sweep of 38 to 55 layouts at each shape of 8M+ elements under 97%
 # of the copy ceiling (`python -m benchmarks.tune_triton --sweep
 # forward-layouts`, tune_triton_forward_layouts_h200.json) changed nothing
@@ -318,9 +343,22 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None,
   """
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
-  layout = dataclasses.replace(_row_layout(n, itemsize),
-                               cache_hints=_FORWARD_CACHE_HINTS)
-  return layout if residual else _forward_persistent(layout, n, itemsize)
+  layout = _row_layout(n, itemsize)
+  if not residual:
+    layout = _warp_rows(n, itemsize) or _forward_persistent(layout, n,
+                                                            itemsize)
+  return dataclasses.replace(layout, cache_hints=_FORWARD_CACHE_HINTS)
+
+
+def _warp_rows(n: int, itemsize: int) -> Config | None:
+  """Rows of n held as chunks of _WARP_ROWS_COLS with each row inside one
+  warp, where that was measured to win without a residual (the comments
+  at _WARP_ROWS_COLS); None elsewhere."""
+  if (n > _WARP_ROWS_MAX_N or n % _WARP_ROWS_COLS
+      or n == pl.next_power_of_2(n)):
+    return None
+  return Config(block_cols=_WARP_ROWS_COLS,
+                **_WARP_ROWS_BY_ITEMSIZE[itemsize])
 
 
 def _row_layout(n: int, itemsize: int) -> Config:
@@ -395,6 +433,8 @@ def _quant_folds_amax(config: Config, n: int, itemsize: int) -> bool:
   (Config.fold_amax) in `config`'s layout: the comments at
   _QUANT_FOLD_AMAX_WIDE_BYTES and _QUANT_DYNAMIC_WIDE."""
   cols = pl.next_power_of_2(n)
+  if _warp_rows(n, itemsize):
+    return False                        # measured unfolded
   if itemsize == 4 or cols * itemsize > _QUANT_FOLD_AMAX_WIDE_BYTES:
     return True                         # float32 rows, looped rows
   if config.block_rows != 1:
@@ -411,8 +451,9 @@ def _quant_float32_held(n: int) -> Config:
   _QUANT_FLOAT32_CHUNKS)."""
   cols = pl.next_power_of_2(n)
   if cols <= _QUANT_FLOAT32_SHORT_COLS:
-    layout = dataclasses.replace(_quant_short_rows(cols, 4),
-                                 programs_per_sm=_QUANT_PROGRAMS_PER_SM)
+    layout = dataclasses.replace(
+        _warp_rows(n, 4) or _quant_short_rows(cols, 4),
+        programs_per_sm=_QUANT_PROGRAMS_PER_SM)
   else:
     layout = Config(block_rows=1, **next(
         chunks for limit, chunks in _QUANT_FLOAT32_CHUNKS if cols <= limit))
@@ -457,6 +498,8 @@ def _quant_layout(n: int, itemsize: int, *, residual: bool, static: bool
   if cols > MAX_ONE_PASS_COLS or cols * itemsize > _WARPS_BY_BYTES[-1][0]:
     # Looped, or float32 rows past 8192: the forward's chunked layouts.
     return _row_layout(n, itemsize)
+  if not residual and _warp_rows(n, itemsize):
+    return _warp_rows(n, itemsize)
   persistent = functools.partial(_quant_persistent, itemsize=itemsize,
                                  residual=residual)
   if cols * itemsize <= _QUANT_SHORT_ROW_BYTES:
