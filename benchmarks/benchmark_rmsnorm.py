@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import math
 import os
@@ -74,6 +75,14 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--min-elements", type=float, default=0,
                  help="skip shapes with fewer elements (e.g. 8e6: the "
                  "large shapes only)")
+  p.add_argument("--shapes", nargs="+", default=None, metavar="MxN",
+                 help="only these shapes of the list (e.g. 65536x896), "
+                 "every dtype asked for")
+  p.add_argument("--merge", action="store_true",
+                 help="write the rows run into the op's record in --out "
+                 "(replacing those of the same shape and dtype, keeping the "
+                 "others), which then says so: a re-run of a few shapes "
+                 "after a change that touches them alone")
   p.add_argument("--iterations", type=int, default=50)
   p.add_argument("--out", default=os.path.join(
       os.path.dirname(__file__), "results"))
@@ -103,6 +112,28 @@ def write(stem: str, record: dict) -> None:
     print(f"no plot ({e}); run python -m benchmarks.plot {stem}.json")
 
 
+def merge_rows(path: str, rows: list[dict]) -> tuple[list[dict], str]:
+  """The rows of the record at `path` with `rows` in place of those of the
+  same (m, n, dtype), in the list's order, and the record's note of what
+  was merged (its earlier note kept)."""
+  with open(path) as f:
+    old = json.load(f)
+  key = lambda row: (row["m"], row["n"], row["dtype"])
+  new = {key(row): row for row in rows}
+  if set(bench.implementations_of(rows)) != set(old["implementations"]):
+    raise ValueError(f"{path} holds {old['implementations']}, the new rows "
+                     f"{bench.implementations_of(rows)}")
+  kept = [row for row in old["rows"] if key(row) not in new]
+  order = {shape: i for i, shape in enumerate(shapes.BENCHMARK_SHAPES)}
+  merged_rows = sorted(kept + rows, key=lambda row: order.get(key(row), -1))
+  names = ", ".join(f"{dtype} {m}x{n}" for m, n, dtype in new)
+  note = (f"{names} re-run (JAX {jax.__version__}, "
+          f"{datetime.date.today()}) into the record of an earlier run")
+  if old.get("merged"):
+    note = f"{old['merged']}; then {note}"
+  return merged_rows, note
+
+
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   if not (args.interpret or platform.on_cuda_gpu()):
@@ -111,9 +142,10 @@ def main(argv=None) -> int:
   card = jax.devices()[0].device_kind
   todo = [s for s in shapes.BENCHMARK_SHAPES
           if s[2] in args.dtypes
-          and args.min_elements <= s[0] * s[1] <= args.max_elements]
+          and args.min_elements <= s[0] * s[1] <= args.max_elements
+          and (args.shapes is None or f"{s[0]}x{s[1]}" in args.shapes)]
   if not todo:
-    print("benchmark_rmsnorm: no shape left by --dtypes and "
+    print("benchmark_rmsnorm: no shape left by --dtypes, --shapes and "
           "--min/--max-elements", file=sys.stderr)
     return 1
   os.makedirs(args.out, exist_ok=True)
@@ -129,6 +161,11 @@ def main(argv=None) -> int:
     except NotImplementedError as e:
       print(f"benchmark_rmsnorm: {op}: {e}", file=sys.stderr)
       return 1
+    stem = os.path.join(args.out,
+                        f"{op}_" + re.sub(r"\W+", "_", card).strip("_"))
+    merged = None
+    if args.merge:
+      rows, merged = merge_rows(stem + ".json", rows)
     per_impl = bench.summaries(rows)
     ok = ok and all(s["all_numerics_ok"] for s in per_impl.values())
     print(f"{op} ({bench.BYTES_MOVED[op]})   card: {card}   jax "
@@ -136,9 +173,7 @@ def main(argv=None) -> int:
     print(bench.format_table(rows))
     for impl, summary in per_impl.items():
       print(f"{impl}: {bench.format_summary(summary)}")
-    stem = os.path.join(args.out,
-                        f"{op}_" + re.sub(r"\W+", "_", card).strip("_"))
-    write(stem, dict(
+    record = dict(
         op=op, card=card, generation=platform.generation(),
         jax=jax.__version__, timer=bench.timer(),
         iterations=args.iterations, interpret=args.interpret,
@@ -146,7 +181,10 @@ def main(argv=None) -> int:
         implementations=bench.implementations_of(rows),
         # The first implementation's summary, as older records had it.
         summary=per_impl[args.implementations[0]],
-        summaries=per_impl, rows=rows))
+        summaries=per_impl, rows=rows)
+    if merged:
+      record["merged"] = merged
+    write(stem, record)
     print(f"wrote {stem}.{{json,csv,png}}")
   return 0 if ok else 1
 

@@ -100,6 +100,33 @@ def test_benchmark_cli_dry_run_writes_records_report_reads(tmp_path, capsys):
   assert "Pallas Triton us" in text and "error / bound" in text
 
 
+@pytest.mark.skipif(ON_GPU, reason="the dry run is for CPU machines")
+def test_benchmark_cli_merges_rows_into_a_record(tmp_path, capsys):
+  """--shapes with --merge re-runs some rows into the op's record: those
+  rows replaced in place, the others kept as they were, the record saying
+  what was merged; a record of other implementations is refused."""
+  common = ["--interpret", "--ops", "forward", "--dtypes", "bfloat16",
+            "--iterations", "1", "--out", str(tmp_path)]
+  assert benchmark_rmsnorm.main(common + ["--max-elements", "70000"]) == 0
+  (path,) = tmp_path.glob("forward_*.json")
+  before = json.loads(path.read_text())
+  shapes_before = [(r["m"], r["n"]) for r in before["rows"]]
+  assert len(shapes_before) > 2 and (16, 4096) in shapes_before
+  assert "merged" not in before
+  assert benchmark_rmsnorm.main(
+      common + ["--shapes", "16x4096", "--merge"]) == 0
+  after = json.loads(path.read_text())
+  assert [(r["m"], r["n"]) for r in after["rows"]] == shapes_before
+  for old, new in zip(before["rows"], after["rows"]):
+    assert (old == new) == ((old["m"], old["n"]) != (16, 4096)), old["m"]
+  assert "bfloat16 16x4096 re-run" in after["merged"]
+  assert after["summaries"]["triton"]["all_numerics_ok"]
+  with pytest.raises(ValueError, match="holds"):
+    benchmark_rmsnorm.main(common + ["--shapes", "16x4096", "--merge",
+                                     "--implementations", "auto"])
+  capsys.readouterr()
+
+
 def test_report_reads_the_recorded_h100_results(capsys):
   """Older records: one flat summary, no implementations list."""
   results = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
