@@ -200,6 +200,8 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           **{f"{op}-warp-rows": WARP_ROWS_SWEEP
              for op in ("forward", "quant", "quant-static", "quant-residual",
                         "quant-static-residual")},
+          **{f"{op}-warp-rows": WARP_ROWS_SWEEP[:2]
+             for op in ("quant-channel", "quant-channel-residual")},
           **{f"quant-layouts-{dtype}": tuple((m, n, dtype) for m, n in shapes)
              for dtype, shapes in QUANT_LAYOUT_SWEEPS.items()}}
 
@@ -513,14 +515,17 @@ def main(argv=None):
                          dict.fromkeys(
                              forward_persistent_candidates(n, dtype)))
     elif args.sweep.startswith("quant"):
-      static, residual = "static" in args.sweep, "residual" in args.sweep
+      per_channel = "channel" in args.sweep
+      static = "static" in args.sweep or per_channel
+      residual = "residual" in args.sweep
       candidates = QUANT_CANDIDATES.get(args.sweep)
       if args.sweep.endswith("warp-rows"):
         candidates = functools.partial(
             warp_rows_candidates, base=triton_config.get_quant_config(
                 1, n, dtype, residual=residual, static=static))
       row = _quant_row(m, n, dtype, args.iterations, static=static,
-                       residual=residual, candidates=candidates)
+                       residual=residual, per_channel=per_channel,
+                       candidates=candidates)
     else:
       row = _forward_row(m, n, dtype, args.iterations,
                          (compact_candidates if args.sweep == "forward-h200"
@@ -590,16 +595,18 @@ def _forward_row(m, n, dtype, iterations, configs):
 
 
 def _quant_row(m, n, dtype, iterations, static: bool, residual: bool,
-               candidates=None):
+               per_channel: bool = False, candidates=None):
   """The quantized kernel to float8_e4m3fn: dynamic per-token scales, or a
-  static scalar scale, with or without the fused residual add (h checked
-  bit for bit); XLA's time is the reference's (its fusion). `candidates`:
-  a generator of (n, dtype) -> Configs instead of `quant_candidates`."""
+  static scale (one value, or one a column where `per_channel`), with or
+  without the fused residual add (h checked bit for bit); XLA's time is the
+  reference's (its fusion). `candidates`: a generator of (n, dtype) ->
+  Configs instead of `quant_candidates`."""
   x, scale = testing.random_inputs(0, (m, n), dtype)
   r = testing.random_inputs(1, (m, n), dtype)[0] if residual else None
   h = None if r is None else np.asarray(reference.residual_add(x, r))
   y64 = testing.oracle(x if h is None else h, scale)
-  quant_scale = (jax.numpy.float32(bench.QUANT_STATIC_SCALE) if static
+  quant_scale = (bench.channel_scale(n) if per_channel
+                 else jax.numpy.float32(bench.QUANT_STATIC_SCALE) if static
                  else None)
   rel = testing.quantized_relative_error(n)
 
@@ -616,7 +623,8 @@ def _quant_row(m, n, dtype, iterations, static: bool, residual: bool,
           ("h",)))
     return testing.worst_of(*worst)
 
-  op = speed_table.quant_op(static=static, residual=residual)
+  op = speed_table.quant_op(static=static, residual=residual,
+                            per_channel=per_channel)
   xla = jax.jit(lambda a, s, res: api.rms_norm_quantized(
       a, s, quant_dtype=bench.QUANT_DTYPE, quant_scale=quant_scale,
       residual=res, implementation="xla"))
