@@ -130,6 +130,7 @@ CASES = [
     ((13, 896), "bfloat16", None, "float8_e4m3fn", "dynamic", {}),
     ((4, 896), "float32", "float32", "int8", "channel", {}),
     ((11, 896), "float32", None, "float8_e4m3fn", "scalar", {}),
+    ((13, 896), "bfloat16", "bfloat16", "float8_e5m2", "scalar", {}),
     ((2, 3, 4096), "bfloat16", "bfloat16", "float8_e5m2", "dynamic", {}),
     ((5, 4096), "float16", None, "int8", "dynamic", {}),
     ((4, 4096), "float32", None, "float8_e4m3fn", "scalar", {}),

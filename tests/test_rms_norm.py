@@ -197,8 +197,10 @@ def test_narrow_rows_are_held_a_warp_each():
   """Rows of at most 1024 that are a multiple of 128 but not a power of two
   are held as chunks of 128 with each row inside one warp (bf16 2 rows on 1
   warp, float32 8 on 8), without a residual, in the forward and the
-  quantized kernel (triton/config.py, _WARP_ROWS_COLS: 896 measured faster
-  on an H200); other widths and the residual's layouts keep their own."""
+  quantized kernel; with a residual, only the quantized kernel with a
+  static scale, 8 rows on 8 warps, 8 programs an SM (triton/config.py,
+  _WARP_ROWS_COLS: 896 measured faster on an H200); other widths keep
+  their own."""
   warp_rows = {"bfloat16": triton_config.Config(2, 128, 1),
                "float32": triton_config.Config(8, 128, 8)}
   for n in (384, 640, 768, 896):
@@ -215,10 +217,17 @@ def test_narrow_rows_are_held_a_warp_each():
                   functools.partial(triton_config.get_quant_config,
                                     residual=True)):
         assert get(1, n, dtype).block_cols > 128, (n, dtype)
+      assert triton_config.get_quant_config(
+          1, n, dtype, residual=True, static=True) == triton_config.Config(
+              8, 128, 8, programs_per_sm=8, prefetch=True, hold_scale=True)
   for n in (512, 1000, 1024, 1152, 2048):
     for dtype in warp_rows:
       assert triton_config.get_config(1, n, dtype).block_cols != 128, n
-      assert triton_config.get_quant_config(1, n, dtype).block_cols != 128
+      for static in (False, True):
+        for residual in (False, True):
+          assert triton_config.get_quant_config(
+              1, n, dtype, static=static, residual=residual
+          ).block_cols != 128, (n, dtype, static, residual)
 
 
 def test_auto_uses_reference_on_cpu_and_kernel_on_gpu():

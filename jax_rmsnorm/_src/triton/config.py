@@ -162,30 +162,36 @@ _PERSISTENT_WIDE_CHUNK_BYTES = 8192
 # either way, 14336 slower) and the quantized kernel (no change) keep none.
 _FORWARD_CACHE_HINTS = True
 # Rows of at most 1024 that are a multiple of 128 but not a power of two
-# (896 = 7 x 128), without a residual: a block padded to the next power of
-# two spreads each row over several warps (the sums cross them through
-# shared memory) and masks an eighth of its lanes. They are held as chunks
-# of 128 instead, no padding, each row inside one warp: bf16 2 rows on 1
-# warp (16 lanes a row), float32 8 rows on 8 warps (32 lanes a row). On an
-# H200 (JAX 0.11.2, CUPTI, 65536 x 896, us, against the layouts they
-# replace; `python -m benchmarks.tune_triton --sweep forward-warp-rows`,
-# and quant-, quant-static-, quant-residual- and
-# quant-static-residual-warp-rows, 26 layouts a shape;
-# benchmarks/results/tune_triton_warp_rows_h200.json): the forward bf16
-# 57.1 against 58.7 (the best, 8 rows on 8 warps, 56.9), float32 111.2
-# against 111.9; the quantized kernel with a dynamic scale bf16 48.5
-# against 50.3 (the best), float32 on 4 programs an SM, the amax not
-# folded, 75.7 against 78.9 (the best); with a static scale bf16 43.8
+# (896 = 7 x 128): a block padded to the next power of two spreads each row
+# over several warps (the sums cross them through shared memory) and masks
+# an eighth of its lanes. Without a residual they are held as chunks of
+# 128 instead, no padding, each row inside one warp: bf16 2 rows on 1 warp
+# (16 lanes a row), float32 8 rows on 8 warps (32 lanes a row). On an H200
+# (JAX 0.11.2, CUPTI, 65536 x 896, us, against the layouts they replace;
+# `python -m benchmarks.tune_triton --sweep forward-warp-rows`, and the
+# quant-, quant-static-, quant-channel-, quant-residual-,
+# quant-static-residual- and quant-channel-residual-warp-rows sweeps, 12
+# to 26 layouts a shape; benchmarks/results/tune_triton_warp_rows_h200.json):
+# the forward bf16 57.1 against 58.7 (the best, 8 rows on 8 warps, 56.9),
+# float32 111.2 against 111.9; the quantized kernel with a dynamic scale
+# bf16 48.5 against 50.3 (the best), float32 on 4 programs an SM, the amax
+# not folded, 75.7 against 78.9 (the best); with a static scale bf16 43.8
 # against 46.5 (the best), float32 70.7 against 78.9 (one block a program
-# 69.3). With a residual they lost or gained under 2% but for float32 with
-# a static scale (182.1 against 194.6, not taken: one rule for the
-# residual's layouts); rows of 2048 (4096 x 2048) gained nothing but the
-# static scale's 6.4 against 6.9 (not taken). 384, 640 and 768 take the
-# rule untimed.
+# 69.3). With a residual and a static scale, one value or one a column,
+# 8 rows on 8 warps in both dtypes, 8 programs an SM loading the next rows
+# ahead: bf16 100.7 against 103.0, per-channel 103.1 against 108.3;
+# float32 182.1 against 194.6, per-channel 184.0 against 201.2. With a
+# residual and a dynamic scale they lost or tied (bf16 at best 103.6
+# against 104.6; float32 196.4 against 195.9): not taken. Rows of 2048
+# (4096 x 2048) gained nothing but the static scale's 6.4 against 6.9 (not
+# taken). 384, 640 and 768 take the rule untimed.
 _WARP_ROWS_COLS = 128
 _WARP_ROWS_MAX_N = 1024
 _WARP_ROWS_BY_ITEMSIZE = {2: dict(block_rows=2, num_warps=1),
                           4: dict(block_rows=8, num_warps=8)}
+_WARP_ROWS_STATIC_RESIDUAL = dict(block_rows=8, num_warps=8,
+                                  programs_per_sm=8, prefetch=True,
+                                  hold_scale=True)
 # A later sweep of 38 to 55 layouts at each shape of 8M+ elements under 97%
 # of the copy ceiling (`python -m benchmarks.tune_triton --sweep
 # forward-layouts`, tune_triton_forward_layouts_h200.json) changed nothing
@@ -350,13 +356,17 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None,
   return dataclasses.replace(layout, cache_hints=_FORWARD_CACHE_HINTS)
 
 
-def _warp_rows(n: int, itemsize: int) -> Config | None:
+def _warp_rows(n: int, itemsize: int, *, residual: bool = False,
+               static: bool = False) -> Config | None:
   """Rows of n held as chunks of _WARP_ROWS_COLS with each row inside one
-  warp, where that was measured to win without a residual (the comments
-  at _WARP_ROWS_COLS); None elsewhere."""
+  warp, where that was measured to win: without a residual, or with one
+  and a `static` scale (the comments at _WARP_ROWS_COLS); None elsewhere."""
   if (n > _WARP_ROWS_MAX_N or n % _WARP_ROWS_COLS
       or n == pl.next_power_of_2(n)):
     return None
+  if residual:
+    return (Config(block_cols=_WARP_ROWS_COLS, **_WARP_ROWS_STATIC_RESIDUAL)
+            if static else None)
   return Config(block_cols=_WARP_ROWS_COLS,
                 **_WARP_ROWS_BY_ITEMSIZE[itemsize])
 
@@ -413,7 +423,9 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   run on a persistent grid (`_quant_persistent`, _QUANT_STATIC_WIDE,
   _QUANT_DYNAMIC_WIDE, `_quant_float32_held`; the grid changes no row's
   arithmetic); with a `residual` (a fused add) rows run one block a
-  program, spread over more warps."""
+  program, spread over more warps, but for float32 rows past 8192
+  (`_quant_float32_residual`). Rows such as 896 are held a warp a row,
+  with a residual only with a static scale (`_warp_rows`)."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
   dynamic = not (static or residual)
@@ -498,8 +510,9 @@ def _quant_layout(n: int, itemsize: int, *, residual: bool, static: bool
   if cols > MAX_ONE_PASS_COLS or cols * itemsize > _WARPS_BY_BYTES[-1][0]:
     # Looped, or float32 rows past 8192: the forward's chunked layouts.
     return _row_layout(n, itemsize)
-  if not residual and _warp_rows(n, itemsize):
-    return _warp_rows(n, itemsize)
+  warp_rows = _warp_rows(n, itemsize, residual=residual, static=static)
+  if warp_rows:
+    return warp_rows
   persistent = functools.partial(_quant_persistent, itemsize=itemsize,
                                  residual=residual)
   if cols * itemsize <= _QUANT_SHORT_ROW_BYTES:
