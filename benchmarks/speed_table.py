@@ -4,7 +4,7 @@ For each op the package chooses for (forward, backward, and the quantized
 output: quant with dynamic, quant-static with static scales of one value
 and quant-channel of one a column, each also with the residual,
 `speed_table.OPS`) and each shape class
-(`speed_table.shape_class`: dtype, decode/small/large rows, narrow,
+(`speed_table.shape_class`: dtype, decode/small/mid/large rows, narrow,
 medium or wide aligned N, or unaligned N), the table names the
 implementation to run on that GPU generation: the kernel family with the
 lowest geometric-mean time over the class's shapes among those never

@@ -31,8 +31,9 @@ def test_speed_table_is_a_pure_lookup():
         assert name in ("mosaic", "triton", "xla"), (generation, op, cls)
         assert len(cls.split("/")) == 3, cls
   for op in speed_table.OPS:
-    assert (speed_table.choose(op, "sm90", 4096, 4096, "bfloat16")
-            == speed_table.choose(op, "sm90", 8192, 4096, "bfloat16"))
+    for m, other in ((2048, 4096), (8192, 32768)):
+      assert (speed_table.choose(op, "sm90", m, 4096, "bfloat16")
+              == speed_table.choose(op, "sm90", other, 4096, "bfloat16"))
     assert speed_table.choose(op, None, 1, 8, "float32") == (
         speed_table.DEFAULT)
   assert speed_table.shape_class(16, 4096, jnp.bfloat16) == (
@@ -43,13 +44,20 @@ def test_speed_table_is_a_pure_lookup():
       "float32/large/medium")
   # Aligned rows by width: the kernels hold them differently.
   assert [speed_table.shape_class(m, n, "bfloat16")
-          for m, n in ((65536, 896), (8192, 1024), (8192, 1152),
+          for m, n in ((65536, 896), (32768, 1024), (32768, 1152),
                        (4096, 8192), (4096, 8320), (4096, 14336),
                        (1024, 65536), (4096, 14337))] == [
               "bfloat16/large/narrow", "bfloat16/large/narrow",
               "bfloat16/large/medium", "bfloat16/large/medium",
               "bfloat16/large/wide", "bfloat16/large/wide",
               "bfloat16/large/wide", "bfloat16/large/unaligned"]
+  # Sizes: from 8M elements, and from 32M, where the launch weighs less.
+  assert [speed_table.shape_class(m, 4096, "bfloat16")
+          for m in (1, 16, 17, 2047, 2048, 8191, 8192, 32768)] == [
+              "bfloat16/decode/medium", "bfloat16/decode/medium",
+              "bfloat16/small/medium", "bfloat16/small/medium",
+              "bfloat16/mid/medium", "bfloat16/mid/medium",
+              "bfloat16/large/medium", "bfloat16/large/medium"]
 
 
 _WITHOUT_TRITON = textwrap.dedent("""
@@ -217,7 +225,7 @@ def test_speed_table_writer_never_picks_a_kernel_slower_than_xla():
   records = [
       dict(op="forward", rows=[row(32768, 4096, 100, 95, 90),
                                row(16384, 8192, 100, 96, 103),   # mosaic
-                               row(4096, 4099, 50, 55, 60),      # slower
+                               row(16384, 4099, 50, 55, 60),     # slower
                                row(1, 4096, 2.0, 1.8, 1.9, ok=False)]),
       dict(op="step", rows=[row(32768, 4096, 300, 200, 250)]),
   ]

@@ -44,17 +44,27 @@ def quant_op(*, static: bool, residual: bool, per_channel: bool = False
 # 12% slower there than Triton's (H200 records, speed_table_h200.log).
 NARROW_MAX_COLS = 1024
 MEDIUM_MAX_COLS = 8192
+# Sizes that are classes of their own. From 8M to 32M elements (16 to 64
+# MiB of bf16, about the L2 cache of an H100 or H200) a kernel's launch,
+# pipeline start and tail weigh more than on the streams of 32M and more,
+# and the kernel that wins differs: with one class from 8M up, the bf16
+# quantized output of 2048 x 4096 ran the Mosaic kernel, 15% slower there
+# than Triton's (H200 records, speed_table_h200.log).
+SMALL_MAX_ELEMENTS = 8 * 1024 * 1024
+MID_MAX_ELEMENTS = 32 * 1024 * 1024
 
 
 def shape_class(m: int, n: int, dtype) -> str:
-  """'<dtype>/<rows>/<width>': rows 'decode' (up to 16), 'small' (under 8M
-  elements) or 'large'; width 'unaligned' (N not a multiple of 128), else
-  'narrow' (N up to NARROW_MAX_COLS), 'medium' (up to MEDIUM_MAX_COLS) or
-  'wide'."""
+  """'<dtype>/<rows>/<width>': rows 'decode' (up to 16), 'small' (under
+  SMALL_MAX_ELEMENTS elements), 'mid' (under MID_MAX_ELEMENTS) or 'large';
+  width 'unaligned' (N not a multiple of 128), else 'narrow' (N up to
+  NARROW_MAX_COLS), 'medium' (up to MEDIUM_MAX_COLS) or 'wide'."""
   if m <= 16:
     rows = "decode"
-  elif m * n < 8 * 1024 * 1024:
+  elif m * n < SMALL_MAX_ELEMENTS:
     rows = "small"
+  elif m * n < MID_MAX_ELEMENTS:
+    rows = "mid"
   else:
     rows = "large"
   if n % 128:
