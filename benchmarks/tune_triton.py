@@ -201,7 +201,8 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
              for op in ("forward", "quant", "quant-static", "quant-residual",
                         "quant-static-residual")},
           **{f"{op}-warp-rows": WARP_ROWS_SWEEP[:2]
-             for op in ("quant-channel", "quant-channel-residual")},
+             for op in ("quant-channel", "quant-channel-residual",
+                        "backward")},
           **{f"quant-layouts-{dtype}": tuple((m, n, dtype) for m, n in shapes)
              for dtype, shapes in QUANT_LAYOUT_SWEEPS.items()}}
 
@@ -419,6 +420,26 @@ def backward_candidates(m: int, n: int, dtype: str):
                                 programs_per_sm=p, prefetch=prefetch)
 
 
+def backward_warp_rows_candidates(m: int, n: int, dtype: str):
+  """The heuristic's choice, then rows held as chunks of 128 columns that
+  divide n, each row inside one warp (a block of 2 to 16 rows on as many
+  warps or half as many, at most 64 elements of a row a thread, 32 for
+  float32: x, dy and the d(scale) sums take three times that), on 4 or 8
+  programs an SM, loading the next block ahead or not."""
+  base = triton_config.get_backward_config(m, n, dtype)
+  yield base
+  max_per_thread = 64 // (np.dtype(dtype).itemsize // 2)
+  for rows, per_warp, per_sm, prefetch in itertools.product(
+      (2, 4, 8, 16), (1, 2), (4, 8), (False, True)):
+    warps = rows // per_warp
+    if (n % 128 or warps > 16
+        or rows * n // (32 * warps) > max_per_thread):
+      continue
+    yield dataclasses.replace(base, block_rows=rows, block_cols=128,
+                              num_warps=warps, programs_per_sm=per_sm,
+                              prefetch=prefetch, hold_scale=False)
+
+
 def backward_small_candidates(m: int, n: int, dtype: str):
   base = triton_config.get_backward_config(m, n, dtype)
   for blocks, prefetch in itertools.product((1, 2, 4, 8), (False, True)):
@@ -499,6 +520,9 @@ def main(argv=None):
     elif args.sweep == "backward-small":
       row = _backward_row(m, n, dtype, args.iterations,
                           backward_small_candidates)
+    elif args.sweep == "backward-warp-rows":
+      row = _backward_row(m, n, dtype, args.iterations,
+                          backward_warp_rows_candidates)
     elif args.sweep == "backward-registers":
       row = _backward_row(m, n, dtype, args.iterations,
                           backward_register_candidates)
