@@ -191,6 +191,7 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant-residual": QUANT_RESIDUAL_SWEEP,
           "quant-static-residual": QUANT_RESIDUAL_SWEEP,
           "quant-fold": QUANT_FOLD_SWEEP,
+          "quant-fold-hints": WARP_ROWS_SWEEP[:1],
           "forward-layouts": FORWARD_LAYOUTS_SWEEP,
           "quant-held": QUANT_HELD_SWEEP,
           "quant-static-held": QUANT_HELD_SWEEP[:5],   # bf16 rows
@@ -362,6 +363,20 @@ def warp_rows_candidates(n: int, dtype: str, *, base: triton_config.Config,
                                   hold_scale=True)
 
 
+def quant_fold_hint_candidates(n: int, dtype: str):
+  """The heuristic's layout and blocks of 2 rows a warp (4, 8 or 16 rows),
+  each with the amax folded or not and with the forward's cache hints or
+  not: where the dynamic kernel is a few percent under 90% of the byte
+  floor (bf16 65536 x 896)."""
+  base = triton_config.get_quant_config(1, n, dtype)
+  layouts = [base] + [dataclasses.replace(base, block_rows=rows,
+                                          num_warps=rows // 2)
+                      for rows in (4, 8, 16)]
+  for layout, fold, hints in itertools.product(layouts, (False, True),
+                                               (False, True)):
+    yield dataclasses.replace(layout, fold_amax=fold, cache_hints=hints)
+
+
 def quant_held_candidates(n: int, dtype: str, static: bool = False):
   """The heuristic's choice and, where it is persistent, the same with the
   scale re-read each step rather than held (Config.hold_scale), on 2, 4
@@ -397,6 +412,7 @@ def forward_layout_candidates(n: int, dtype: str):
 # The quantized sweeps whose candidates are not `quant_candidates`.
 QUANT_CANDIDATES = {
     "quant-fold": quant_fold_candidates,
+    "quant-fold-hints": quant_fold_hint_candidates,
     "quant-held": quant_held_candidates,
     "quant-static-held": functools.partial(quant_held_candidates,
                                            static=True),
