@@ -51,6 +51,13 @@ def test_speed_table_is_a_pure_lookup():
               "bfloat16/large/medium", "bfloat16/large/medium",
               "bfloat16/large/wide", "bfloat16/large/wide",
               "bfloat16/large/wide", "bfloat16/large/unaligned"]
+  # A mid class without records of its own takes the large class's
+  # choice (bf16 rows of 14336: the records hold 4096 x 14336 alone).
+  for op in speed_table.OPS:
+    assert (speed_table.choose(op, "sm90", 2048, 14336, "bfloat16")
+            == speed_table.choose(op, "sm90", 4096, 14336, "bfloat16"))
+  assert "bfloat16/mid/wide" not in speed_table._table()[  # pylint: disable=protected-access
+      "generations"]["sm90"]["backward"]
   # Sizes: from 8M elements, and from 32M, where the launch weighs less.
   assert [speed_table.shape_class(m, 4096, "bfloat16")
           for m in (1, 16, 17, 2047, 2048, 8191, 8192, 32768)] == [

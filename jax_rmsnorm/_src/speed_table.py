@@ -5,7 +5,7 @@ The table is data (`data/speed_table.json`), written by
 `python -m benchmarks.speed_table` from the benchmark records of one card
 and shipped with the package. Looking it up is a pure function of its
 arguments: no autotuning at call time. Classes the table does not name
-take `DEFAULT`.
+take `DEFAULT` (a 'mid' class first takes the 'large' one's: `choose`).
 """
 
 from __future__ import annotations
@@ -87,6 +87,12 @@ def _table() -> dict:
 def choose(op: str, generation: str | None, m: int, n: int, dtype) -> str:
   """The implementation to run `op` (one of OPS) on a GPU
   of `generation` (e.g. 'sm90'; None: not known here, as when exporting for
-  CUDA from a CPU host)."""
+  CUDA from a CPU host). A 'mid' class the records did not measure (no
+  shape of its width among them, e.g. 2048 x 14336) takes the 'large'
+  class's choice: the nearest sizes measured, rather than DEFAULT."""
   entries = _table().get("generations", {}).get(generation or "", {})
-  return entries.get(op, {}).get(shape_class(m, n, dtype), DEFAULT)
+  entries = entries.get(op, {})
+  cls = shape_class(m, n, dtype)
+  if cls not in entries and "/mid/" in cls:
+    cls = cls.replace("/mid/", "/large/")
+  return entries.get(cls, DEFAULT)
