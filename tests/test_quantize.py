@@ -587,8 +587,8 @@ def test_fp8_needs_sm89(monkeypatch):
 # --- the CUDA lowering, on CPU ------------------------------------------------------
 
 LOWERING_SHAPES = [
-    ((3, 896), "bfloat16", "bfloat16"),   # rows a warp each; with a
-                                          # residual a persistent grid
+    ((3, 896), "bfloat16", "bfloat16"),   # rows a warp each (with a
+                                          # residual, static scales only)
     ((5, 896), "float32", None),          # rows a warp each, persistent
     ((2, 14336), "float32", "float32"),   # 7 chunks held in registers
     ((2, 16411), "bfloat16", None),       # chunked loops, prime N
