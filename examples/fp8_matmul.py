@@ -37,6 +37,8 @@ from jax_rmsnorm import rms_norm_quantized
 # being amax / 127 of a row or column (amax about 3.5 sigma): step / sqrt(12)
 # = 0.8% of sigma per operand, 1.1% measured.
 TOLERANCE = {"float8_e4m3fn": 0.06, "float8_e5m2": 0.12, "int8": 0.02}
+# Bound on ||scaled_matmul - out|| / ||out||: see main().
+SCALED_MATMUL_AGREEMENT = 2e-3
 
 
 def quantize_weight(w: jax.Array, quant_dtype) -> tuple[jax.Array, jax.Array]:
@@ -119,10 +121,16 @@ def main(argv=None) -> dict:
     line = f"{quant_dtype:>14}: relative error {err:.4f} (bound " \
            f"{TOLERANCE[quant_dtype]})"
     if got_scaled is not None:
-      # Same products and scales, summed in another order.
-      np.testing.assert_allclose(np.asarray(got_scaled), np.asarray(got),
-                                 rtol=1e-4, atol=1e-4 * np.abs(want).max())
-      line += "; jax.nn.scaled_matmul agrees"
+      # The same products and scales, another way: on a CPU a float32 sum
+      # of the same products (5e-7 apart); on a Hopper GPU XLA dequantizes
+      # both operands to float32 and runs its default-precision dot, TF32,
+      # which rounds each operand to 10 mantissa bits (2**-11 relative):
+      # about 3.5e-4 norm-wise on an H200. A scale lost or misapplied is
+      # off by order 1.
+      agree = float(np.linalg.norm(np.asarray(got_scaled) - np.asarray(got))
+                    / np.linalg.norm(np.asarray(got)))
+      assert agree < SCALED_MATMUL_AGREEMENT, (quant_dtype, agree)
+      line += f"; jax.nn.scaled_matmul agrees to {agree:.1e}"
     print(line)
     assert err < TOLERANCE[quant_dtype], (quant_dtype, err)
     errors[quant_dtype] = err
