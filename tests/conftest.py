@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # tests/multidevice runs in a process of its own (test_sharding.py starts
@@ -16,6 +17,7 @@ if os.environ.get("JAX_RMSNORM_MULTIDEVICE"):
 if os.environ.get("PYTEST_XDIST_WORKER"):
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -27,16 +29,46 @@ ON_GPU = platform.on_cuda_gpu()
 requires_gpu = pytest.mark.skipif(
     not ON_GPU, reason="compiled Pallas kernels need an NVIDIA GPU")
 
+# A test that runs kernels in interpret mode only (the cases below, and
+# test_mosaic's `requires_interpret`): `_interpreted_on_the_cpu`.
+interpreted = pytest.mark.interpreted
+
 # (implementation, interpret): the interpreted kernel and the reference run
 # everywhere; the compiled kernel runs, and is declared to run, on a GPU only.
 IMPLEMENTATIONS = [
     pytest.param(("xla", False), id="xla"),
-    pytest.param(("triton", True), id="triton-interpret"),
+    pytest.param(("triton", True), id="triton-interpret", marks=interpreted),
     pytest.param(("triton", False), id="triton-gpu", marks=requires_gpu),
 ]
 # The Pallas kernels only: properties XLA's reference does not promise (its
 # autodiff's reduction order changes with the batch size, for one).
 KERNEL_IMPLEMENTATIONS = IMPLEMENTATIONS[1:]
+
+
+@pytest.fixture(autouse=True)
+def _interpreted_on_the_cpu(request):
+  """On a GPU host, tests marked `interpreted` run on its CPU device, as in
+  CI: there XLA's GPU compiler took minutes a case over Mosaic GPU's
+  interpreter (an H200, benchmarks/results/gpu_tests_h200_run27_full.log),
+  and fused an interpreted kernel's arithmetic differently from one program
+  to the next (one ulp of a scale between two grids of the same kernel)."""
+  cpu = _CPU if request.node.get_closest_marker("interpreted") else None
+  with contextlib.nullcontext() if cpu is None else jax.default_device(cpu):
+    yield
+
+
+def _cpu_device():
+  """The CPU device of a GPU host (None elsewhere, or where JAX_PLATFORMS
+  leaves the CPU out)."""
+  if not ON_GPU:
+    return None
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    return None
+
+
+_CPU = _cpu_device()
 
 
 def assert_close(y, ref: np.ndarray, dtype, n: int) -> None:

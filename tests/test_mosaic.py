@@ -33,12 +33,20 @@ from jax_rmsnorm._src.mosaic import forward as mosaic_forward
 from jax_rmsnorm._src.mosaic import quantize as mosaic_quantize
 from benchmarks import sweep
 from tests import test_quantize
+from tests.conftest import interpreted
 from tests.test_lowering import _abstract_h100
 
 EPS = 1e-6
-requires_interpret = pytest.mark.skipif(
+_interpret_available = pytest.mark.skipif(
     not common.interpret_available(),
     reason=f"JAX {jax.__version__} has no Mosaic GPU interpret mode")
+
+
+def requires_interpret(test):
+  """Marks a test that runs the kernels interpreted only: skipped where this
+  JAX has no Mosaic GPU interpreter, run on the CPU device on a GPU host
+  (conftest's `interpreted`)."""
+  return interpreted(_interpret_available(test))
 requires_hopper = pytest.mark.skipif(
     not platform.on_cuda_gpu() or (platform.compute_capability() or 0) < 9.0,
     reason="compiled Mosaic GPU kernels need a Hopper GPU")
