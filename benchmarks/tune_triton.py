@@ -181,6 +181,16 @@ WARP_ROWS_SWEEP = (
     (65536, 896, "bfloat16"), (65536, 896, "float32"),
     (4096, 2048, "bfloat16"),
 )
+# The quantized kernel with the forward's L2 hints (Config.cache_hints) or
+# without (`quant_hint_candidates`), where a bar is a few percent away: the
+# dynamic scale's 90% of the byte floor (bf16 896, 14336, the 8M shapes) and
+# 1.8x XLA (bf16 4099), the static scale's 1.1x (float32 4099).
+QUANT_HINTS_SWEEP = (
+    (65536, 896, "bfloat16"), (4096, 4099, "bfloat16"),
+    (4096, 14336, "bfloat16"), (2048, 4096, "bfloat16"),
+    (4096, 2048, "bfloat16"),
+)
+QUANT_STATIC_HINTS_SWEEP = ((4096, 4099, "float32"), (4096, 4099, "bfloat16"))
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP,
           "backward-registers": BACKWARD_REGISTERS_SWEEP,
@@ -192,6 +202,8 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant-static-residual": QUANT_RESIDUAL_SWEEP,
           "quant-fold": QUANT_FOLD_SWEEP,
           "quant-fold-hints": WARP_ROWS_SWEEP[:1],
+          "quant-hints": QUANT_HINTS_SWEEP,
+          "quant-static-hints": QUANT_STATIC_HINTS_SWEEP,
           "forward-layouts": FORWARD_LAYOUTS_SWEEP,
           "quant-held": QUANT_HELD_SWEEP,
           "quant-static-held": QUANT_HELD_SWEEP[:5],   # bf16 rows
@@ -377,6 +389,13 @@ def quant_fold_hint_candidates(n: int, dtype: str):
     yield dataclasses.replace(layout, fold_amax=fold, cache_hints=hints)
 
 
+def quant_hint_candidates(n: int, dtype: str, static: bool = False):
+  """The heuristic's layout without and with the forward's cache hints."""
+  base = triton_config.get_quant_config(1, n, dtype, static=static)
+  yield base
+  yield dataclasses.replace(base, cache_hints=not base.cache_hints)
+
+
 def quant_held_candidates(n: int, dtype: str, static: bool = False):
   """The heuristic's choice and, where it is persistent, the same with the
   scale re-read each step rather than held (Config.hold_scale), on 2, 4
@@ -414,6 +433,9 @@ QUANT_CANDIDATES = {
     "quant-fold": quant_fold_candidates,
     "quant-fold-hints": quant_fold_hint_candidates,
     "quant-held": quant_held_candidates,
+    "quant-hints": quant_hint_candidates,
+    "quant-static-hints": functools.partial(quant_hint_candidates,
+                                            static=True),
     "quant-static-held": functools.partial(quant_held_candidates,
                                            static=True),
     **{f"quant-layouts-{dtype}": quant_layout_candidates

@@ -209,6 +209,8 @@ def test_narrow_rows_are_held_a_warp_each():
       if dtype == "float32":   # the float32 rows' persistent grid
         want = dataclasses.replace(want, programs_per_sm=4, prefetch=True,
                                    hold_scale=True)
+      else:                    # 2-byte rows' L2 hints
+        want = dataclasses.replace(want, cache_hints=True)
       for static in (False, True):
         quant = triton_config.get_quant_config(1, n, dtype, static=static)
         assert quant == want, (n, dtype, static)

@@ -159,8 +159,19 @@ _PERSISTENT_WIDE_CHUNK_BYTES = 8192
 # against 7.4 (every other shape within 1% of the loads' hint alone). The
 # same hints on a Pallas copy sped it up alike (f32 264 -> 254 us), and the
 # benchmarks' copy ceiling includes that copy. The backward (within +-2%
-# either way, 14336 slower) and the quantized kernel (no change) keep none.
+# either way, 14336 slower) keeps none.
 _FORWARD_CACHE_HINTS = True
+# The quantized kernel takes the same hints for rows of 2-byte values
+# without a residual. Timed at the large shapes first (no change: the
+# Mosaic kernel runs most of them), then, three passes alternated, where
+# Triton's runs (H200, `python -m benchmarks.tune_triton --sweep
+# {quant,quant-static}-hints`, benchmarks/results/
+# tune_triton_quant_hints_h200.json), bf16, us without -> with: dynamic
+# 65536 x 896 47.8 -> 47.2, 4096 x 4099 24.5 -> 23.9, 2048 x 4096 7.2 ->
+# 6.9, 4096 x 2048 7.9 -> 7.6, 4096 x 14336 53.8 -> 54.0 (a tie); static
+# 4096 x 4099 21.3 -> 19.9. Float32 rows (static 4099: 30.4 -> 30.0) and
+# rows with a residual were not timed with them here and keep none.
+_QUANT_CACHE_HINTS_ITEMSIZE = 2
 # Rows of at most 1024 that are a multiple of 128 but not a power of two
 # (896 = 7 x 128): a block padded to the next power of two spreads each row
 # over several warps (the sums cross them through shared memory) and masks
@@ -431,7 +442,9 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   arithmetic); with a `residual` (a fused add) rows run one block a
   program, spread over more warps, but for float32 rows past 8192
   (`_quant_float32_residual`). Rows such as 896 are held a warp a row,
-  with a residual only with a static scale (`_warp_rows`)."""
+  with a residual only with a static scale (`_warp_rows`). Rows of 2-byte
+  values without a residual stream with the forward's L2 hints
+  (_QUANT_CACHE_HINTS_ITEMSIZE)."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
   dynamic = not (static or residual)
@@ -443,6 +456,8 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
     config = _quant_layout(n, itemsize, residual=residual, static=static)
   if dynamic and _quant_folds_amax(config, n, itemsize):
     config = dataclasses.replace(config, fold_amax=True)
+  if not residual and itemsize == _QUANT_CACHE_HINTS_ITEMSIZE:
+    config = dataclasses.replace(config, cache_hints=True)
   return config
 
 
