@@ -162,15 +162,15 @@ _PERSISTENT_WIDE_CHUNK_BYTES = 8192
 # either way, 14336 slower) keeps none.
 _FORWARD_CACHE_HINTS = True
 # The quantized kernel takes the same hints for rows of 2-byte values
-# without a residual. Timed at the large shapes first (no change: the
-# Mosaic kernel runs most of them), then, three passes alternated, where
-# Triton's runs (H200, `python -m benchmarks.tune_triton --sweep
+# without a residual. The loads' hint alone, with the layouts of the time,
+# had changed nothing (cache_hints_h200.json); both, three passes
+# alternated (H200, `python -m benchmarks.tune_triton --sweep
 # {quant,quant-static}-hints`, benchmarks/results/
 # tune_triton_quant_hints_h200.json), bf16, us without -> with: dynamic
 # 65536 x 896 47.8 -> 47.2, 4096 x 4099 24.5 -> 23.9, 2048 x 4096 7.2 ->
 # 6.9, 4096 x 2048 7.9 -> 7.6, 4096 x 14336 53.8 -> 54.0 (a tie); static
-# 4096 x 4099 21.3 -> 19.9. Float32 rows (static 4099: 30.4 -> 30.0) and
-# rows with a residual were not timed with them here and keep none.
+# 4096 x 4099 21.3 -> 19.9. Float32 rows, timed at static 4099 alone
+# (30.4 -> 30.0), and rows with a residual, not timed, keep none.
 _QUANT_CACHE_HINTS_ITEMSIZE = 2
 # Rows of at most 1024 that are a multiple of 128 but not a power of two
 # (896 = 7 x 128): a block padded to the next power of two spreads each row
