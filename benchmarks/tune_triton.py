@@ -191,6 +191,13 @@ QUANT_HINTS_SWEEP = (
     (4096, 2048, "bfloat16"),
 )
 QUANT_STATIC_HINTS_SWEEP = ((4096, 4099, "float32"), (4096, 4099, "bfloat16"))
+# Where the hints were not adopted: float32 rows, and rows with a residual
+# (where float32 4099 is at 1.48x XLA's unfused add, norm and quantize).
+QUANT_FLOAT32_HINTS_SWEEP = (
+    (65536, 896, "float32"), (4096, 4099, "float32"), (2048, 4096, "float32"))
+QUANT_RESIDUAL_HINTS_SWEEP = (
+    (4096, 4099, "float32"), (4096, 4099, "bfloat16"),
+    (16384, 8192, "float32"), (65536, 896, "bfloat16"))
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP,
           "backward-registers": BACKWARD_REGISTERS_SWEEP,
@@ -204,6 +211,9 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant-fold-hints": WARP_ROWS_SWEEP[:1],
           "quant-hints": QUANT_HINTS_SWEEP,
           "quant-static-hints": QUANT_STATIC_HINTS_SWEEP,
+          "quant-float32-hints": QUANT_FLOAT32_HINTS_SWEEP,
+          "quant-residual-hints": QUANT_RESIDUAL_HINTS_SWEEP,
+          "quant-static-residual-hints": QUANT_RESIDUAL_HINTS_SWEEP,
           "forward-layouts": FORWARD_LAYOUTS_SWEEP,
           "quant-held": QUANT_HELD_SWEEP,
           "quant-static-held": QUANT_HELD_SWEEP[:5],   # bf16 rows
@@ -389,9 +399,11 @@ def quant_fold_hint_candidates(n: int, dtype: str):
     yield dataclasses.replace(layout, fold_amax=fold, cache_hints=hints)
 
 
-def quant_hint_candidates(n: int, dtype: str, static: bool = False):
-  """The heuristic's layout without and with the forward's cache hints."""
-  base = triton_config.get_quant_config(1, n, dtype, static=static)
+def quant_hint_candidates(n: int, dtype: str, static: bool = False,
+                          residual: bool = False):
+  """The heuristic's layout with and without the forward's cache hints."""
+  base = triton_config.get_quant_config(1, n, dtype, static=static,
+                                        residual=residual)
   yield base
   yield dataclasses.replace(base, cache_hints=not base.cache_hints)
 
@@ -436,6 +448,11 @@ QUANT_CANDIDATES = {
     "quant-hints": quant_hint_candidates,
     "quant-static-hints": functools.partial(quant_hint_candidates,
                                             static=True),
+    "quant-float32-hints": quant_hint_candidates,
+    "quant-residual-hints": functools.partial(quant_hint_candidates,
+                                              residual=True),
+    "quant-static-residual-hints": functools.partial(
+        quant_hint_candidates, static=True, residual=True),
     "quant-static-held": functools.partial(quant_held_candidates,
                                            static=True),
     **{f"quant-layouts-{dtype}": quant_layout_candidates

@@ -169,8 +169,11 @@ _FORWARD_CACHE_HINTS = True
 # tune_triton_quant_hints_h200.json), bf16, us without -> with: dynamic
 # 65536 x 896 47.8 -> 47.2, 4096 x 4099 24.5 -> 23.9, 2048 x 4096 7.2 ->
 # 6.9, 4096 x 2048 7.9 -> 7.6, 4096 x 14336 53.8 -> 54.0 (a tie); static
-# 4096 x 4099 21.3 -> 19.9. Float32 rows, timed at static 4099 alone
-# (30.4 -> 30.0), and rows with a residual, not timed, keep none.
+# 4096 x 4099 21.3 -> 19.9. Float32 rows and rows with a residual keep
+# none for now: one later pass found them faster too, by 0.3% to 14%
+# (`--sweep quant-float32-hints`, `quant-residual-hints`,
+# `quant-static-residual-hints`; tune_triton_quant_hints_more_h200.json),
+# but taking that needs their records re-run for the speed table to hold.
 _QUANT_CACHE_HINTS_ITEMSIZE = 2
 # Rows of at most 1024 that are a multiple of 128 but not a power of two
 # (896 = 7 x 128): a block padded to the next power of two spreads each row
