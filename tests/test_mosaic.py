@@ -47,6 +47,8 @@ def requires_interpret(test):
   JAX has no Mosaic GPU interpreter, run on the CPU device on a GPU host
   (conftest's `interpreted`)."""
   return interpreted(_interpret_available(test))
+
+
 requires_hopper = pytest.mark.skipif(
     not platform.on_cuda_gpu() or (platform.compute_capability() or 0) < 9.0,
     reason="compiled Mosaic GPU kernels need a Hopper GPU")
