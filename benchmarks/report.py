@@ -1,16 +1,22 @@
 """Prints recorded benchmark JSONs as Markdown tables (for the README): one
 column group per implementation in the record, beside XLA and the copy
-ceiling.
+ceiling; or, with --summary, one line a record: what its first
+implementation (the default's, in the auto records) gives against XLA.
 
   python -m benchmarks.report benchmarks/results/backward_NVIDIA_H100_80GB_HBM3.json
   python -m benchmarks.report benchmarks/results/*_NVIDIA_H200.json
+  python -m benchmarks.report --summary benchmarks/results/auto/*_NVIDIA_H200.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+# The issues' "large" inputs: 8M elements or more.
+LARGE_ELEMENTS = 8 * 2**20
 
 from jax_rmsnorm._src import bench
 
@@ -71,13 +77,68 @@ def markdown(json_path: str) -> str:
   return "\n".join(lines)
 
 
+def summary_row(data: dict, impl: str | None = None) -> dict:
+  """What `impl` (default: the record's first implementation) gives in one
+  record: the geometric mean of XLA's time over its own on every row; over
+  the rows of LARGE_ELEMENTS or more, that mean, the least and greatest of
+  the ratio and of its % of the copy ceiling (for the quantized ops, of the
+  byte floor), each with its row; its worst row against XLA."""
+  rows = data["rows"]
+  impl = impl or bench.implementations_of(rows)[0]
+  ran = [r for r in rows if r.get(impl + "_us") is not None]
+  large = [r for r in ran if r["m"] * r["n"] >= LARGE_ELEMENTS]
+  ratio = lambda r: r[impl + "_xla_ratio"]
+  pct = lambda r: r[impl + "_pct_copy"]
+  name = lambda r: f"{r['dtype']} {r['m']} x {r['n']}"
+  geomean = lambda rs: math.exp(sum(math.log(ratio(r)) for r in rs) / len(rs))
+  return dict(
+      op=data.get("op", "forward"), impl=impl, rows=len(ran),
+      geomean=geomean(ran), large=len(large), large_geomean=geomean(large),
+      large_ratio=[(ratio(r), name(r)) for r in (min(large, key=ratio),
+                                                 max(large, key=ratio))],
+      large_pct=[(pct(r), name(r)) for r in (min(large, key=pct),
+                                             max(large, key=pct))],
+      slowest=(1 / ratio(min(ran, key=ratio)), name(min(ran, key=ratio))))
+
+
+def summary(json_paths) -> str:
+  """A Markdown table of `summary_row` a record."""
+  head = ["op", "XLA / ours, geomean", "large: geomean", "large: least",
+          "large: most", "large: least % of copy", "large: most",
+          "worst: ours / XLA"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  card = set()
+  for path in json_paths:
+    with open(path) as f:
+      data = json.load(f)
+    s = summary_row(data)
+    card.add(f"{data['card']}, JAX {data['jax']}, {s['impl']}")
+    (lo, lo_at), (hi, hi_at) = s["large_ratio"]
+    (plo, plo_at), (phi, phi_at) = s["large_pct"]
+    lines.append(
+        f"| {s['op']} | {s['geomean']:.2f}x ({s['rows']} shapes) | "
+        f"{s['large_geomean']:.2f}x ({s['large']}) | {lo:.2f}x ({lo_at}) | "
+        f"{hi:.2f}x ({hi_at}) | {plo:.1f} ({plo_at}) | {phi:.1f} ({phi_at}) "
+        f"| {s['slowest'][0]:.3f} ({s['slowest'][1]}) |")
+  lines.append("")
+  lines.append(f"{'; '.join(sorted(card))}; large: {LARGE_ELEMENTS // 2**20}"
+               "Mi elements or more; worst: the row where ours is slowest "
+               "against XLA (under 1: faster there too).")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m benchmarks.report", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("json_paths", nargs="+", metavar="JSON",
                       help="records written by benchmarks.benchmark_rmsnorm")
+  parser.add_argument("--summary", action="store_true",
+                      help="one line a record (summary_row)")
   args = parser.parse_args(argv)
+  if args.summary:
+    print(summary(args.json_paths))
+    return 0
   for path in args.json_paths:
     print(markdown(path))
     print()

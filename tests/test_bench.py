@@ -135,6 +135,29 @@ def test_report_reads_the_recorded_h100_results(capsys):
   assert "| bfloat16 | 32768 x 4096 |" in capsys.readouterr().out
 
 
+def test_report_summary_matches_the_rows(capsys):
+  """--summary's line of a record (the H200's auto quant record) against the
+  same numbers taken from its rows here: the geometric means, the least
+  XLA / ours over the rows of 8Mi elements or more, the worst row."""
+  path = (pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
+          / "auto" / "quant_NVIDIA_H200.json")
+  rows = json.loads(path.read_text())["rows"]
+  ratios = np.array([r["auto_xla_ratio"] for r in rows])
+  large = np.array([r["m"] * r["n"] >= 8 * 2**20 for r in rows])
+  got = report.summary_row(json.loads(path.read_text()))
+  assert got["impl"] == "auto" and got["large"] == large.sum() > 0
+  np.testing.assert_allclose(got["geomean"], np.exp(np.log(ratios).mean()))
+  np.testing.assert_allclose(got["large_geomean"],
+                             np.exp(np.log(ratios[large]).mean()))
+  least = rows[int(np.flatnonzero(large)[ratios[large].argmin()])]
+  assert got["large_ratio"][0] == (
+      least["auto_xla_ratio"],
+      f"{least['dtype']} {least['m']} x {least['n']}")
+  np.testing.assert_allclose(got["slowest"][0], 1 / ratios.min())
+  assert report.main(["--summary", str(path)]) == 0
+  assert f"| quant | {got['geomean']:.2f}x" in capsys.readouterr().out
+
+
 def test_records_merged_from_two_runs_tell_not_run_from_refused(capsys,
                                                                 tmp_path):
   """A record whose rows come from runs with different implementations
