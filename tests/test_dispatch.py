@@ -4,6 +4,7 @@ kernel family (a future JAX may remove Pallas's Triton backend)."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pathlib
 import subprocess
@@ -18,6 +19,25 @@ from jax_rmsnorm._src import speed_table
 from tests.conftest import assert_close, oracle, random_inputs, requires_gpu
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _h200_records() -> list[dict]:
+  """The records the shipped table was written from (README: `python -m
+  benchmarks.speed_table` over these)."""
+  ops = ("forward", "step") + tuple(
+      op for op in speed_table.OPS if op.startswith("quant"))
+  return [json.loads((ROOT / "benchmarks" / "results"
+                      / f"{op}_NVIDIA_H200.json").read_text()) for op in ops]
+
+
+def test_shipped_table_is_what_the_records_give():
+  """The package's table for sm90 is the one `benchmarks.speed_table`
+  makes from the committed H200 records: a record re-run without the table
+  rewritten (or a table edited by hand) fails here."""
+  from benchmarks import speed_table as writer
+  made = writer.table_of(_h200_records())["ops"]
+  shipped = speed_table._table()["generations"]["sm90"]  # pylint: disable=protected-access
+  assert made == shipped
 
 
 def test_speed_table_is_a_pure_lookup():
