@@ -20,3 +20,18 @@ def test_readme_has_python_blocks():
 def test_readme_block_runs(index):
   exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"),
        {"__name__": "__readme__"})
+
+
+def test_results_at_a_glance_are_the_records():
+  """The README's table "At a glance" is `python -m benchmarks.report
+  --summary` over the H200's auto records, as committed."""
+  from benchmarks import report
+  from jax_rmsnorm._src import speed_table
+  auto = README.parent / "benchmarks" / "results" / "auto"
+  paths = [auto / f"{op}_NVIDIA_H200.json"
+           for op in ("forward", "step") + tuple(
+               op for op in speed_table.OPS if op.startswith("quant"))]
+  want = [l for l in report.summary(paths).splitlines() if l.startswith("|")]
+  text = README.read_text().splitlines()
+  start = text.index(want[0])
+  assert text[start:start + len(want)] == want
