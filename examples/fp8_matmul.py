@@ -10,8 +10,9 @@ matmul runs on the quantized values with a float32 accumulator, and the two
 scales are applied to its result: `jax.lax.dot_general(...,
 preferred_element_type=jnp.float32)`, or `jax.nn.scaled_matmul` where this
 JAX has it (it takes the same per-row and per-column scales as blocks of
-the whole contracting axis). The result is checked against the float32
-matmul of the unquantized norm.
+the whole contracting axis; on Hopper XLA runs it as float32 operands into
+a TF32 dot, not as an fp8 matmul). The result is checked against the
+float32 matmul of the unquantized norm.
 
   python -m examples.fp8_matmul                  # runs on CPU too
 """
