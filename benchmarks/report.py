@@ -102,15 +102,18 @@ def summary_row(data: dict, impl: str | None = None) -> dict:
 
 
 def summary(json_paths) -> str:
-  """A Markdown table of `summary_row` a record."""
+  """A Markdown table of `summary_row` a record, in bench.OPS's order."""
+  records = []
+  for path in json_paths:
+    with open(path) as f:
+      records.append(json.load(f))
+  records.sort(key=lambda d: bench.OPS.index(d.get("op", "forward")))
   head = ["op", "XLA / ours, geomean", "large: geomean", "large: least",
           "large: most", "large: least % of copy", "large: most",
           "worst: ours / XLA"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   card = set()
-  for path in json_paths:
-    with open(path) as f:
-      data = json.load(f)
+  for data in records:
     s = summary_row(data)
     card.add(f"{data['card']}, JAX {data['jax']}, {s['impl']}")
     (lo, lo_at), (hi, hi_at) = s["large_ratio"]
