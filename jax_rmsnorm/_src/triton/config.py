@@ -203,8 +203,8 @@ _QUANT_CACHE_HINTS_ITEMSIZE = 2
 # backward-warp-rows`: bf16 94.7 against 94.2 us, float32 193.0 against
 # 181.6; it holds x, dy and the d(scale) sums). The dynamic bf16 kernel
 # with the amax folded lost (57.3 against 48.5), with the forward's cache
-# hints gained 2% (47.4; untaken, one run of one shape: `--sweep
-# quant-fold-hints`).
+# hints gained 2% (47.4; `--sweep quant-fold-hints`; taken since, after
+# three passes: _QUANT_CACHE_HINTS_ITEMSIZE).
 _WARP_ROWS_COLS = 128
 _WARP_ROWS_MAX_N = 1024
 _WARP_ROWS_BY_ITEMSIZE = {2: dict(block_rows=2, num_warps=1),
