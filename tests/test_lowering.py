@@ -187,11 +187,10 @@ def _cache_hints(fn, *args) -> dict[str, tuple[set, set]]:
     ((2, 14336), "bfloat16"),    # chunks of 8 KiB, persistent
     ((2, 65536), "float32"),     # two passes over HBM
 ], ids=str)
-def test_only_the_forward_streams_with_cache_hints(shape, dtype):
+def test_forward_and_quantized_kernels_stream_with_cache_hints(shape, dtype):
   """The forward (and add_rms_norm's) loads its rows evict_last and stores
   evict_first (Config.cache_hints, measured to win on an H200), as does the
-  quantized kernel on 2-byte rows without a residual; the backward and the
-  quantized kernel's float32 rows, where they were not, carry no hint."""
+  quantized kernel; the backward, where they were not, carries no hint."""
   x = jnp.zeros(shape, dtype)
   scale = jnp.zeros(shape[-1:], dtype)
   forward = _cache_hints(functools.partial(
@@ -217,14 +216,11 @@ def test_only_the_forward_streams_with_cache_hints(shape, dtype):
   assert hints.pop(triton_forward.KERNEL_NAME) == (
       {None, "evict_last"},
       {None, "evict_first"} if backward else {"evict_first"}), hints
-  if jnp.dtype(dtype).itemsize == 2:
-    # x loaded evict_last, the codes stored evict_first (the row scales,
-    # a value a row, without a hint).
-    assert hints.pop(triton_quantize.KERNEL_NAME) == (
-        {None, "evict_last"}, {None, "evict_first"}), hints
+  # x loaded evict_last, the codes stored evict_first (the scale and the
+  # row scales, a value a row, without a hint).
+  assert hints.pop(triton_quantize.KERNEL_NAME) == (
+      {None, "evict_last"}, {None, "evict_first"}), hints
   assert set(hints) == (
-      ({triton_quantize.KERNEL_NAME} if jnp.dtype(dtype).itemsize == 4
-       else set())
-      | ({triton_backward.KERNEL_NAME} if backward else set())), hints
+      {triton_backward.KERNEL_NAME} if backward else set()), hints
   for kernel, policies in hints.items():
     assert policies == ({None}, {None}), (kernel, policies)

@@ -206,11 +206,10 @@ def test_narrow_rows_are_held_a_warp_each():
     for dtype, want in warp_rows.items():
       forward = triton_config.get_config(1, n, dtype)
       assert forward == dataclasses.replace(want, cache_hints=True), n
+      want = dataclasses.replace(want, cache_hints=True)   # the L2 hints
       if dtype == "float32":   # the float32 rows' persistent grid
         want = dataclasses.replace(want, programs_per_sm=4, prefetch=True,
                                    hold_scale=True)
-      else:                    # 2-byte rows' L2 hints
-        want = dataclasses.replace(want, cache_hints=True)
       for static in (False, True):
         quant = triton_config.get_quant_config(1, n, dtype, static=static)
         assert quant == want, (n, dtype, static)
@@ -220,7 +219,8 @@ def test_narrow_rows_are_held_a_warp_each():
         assert get(1, n, dtype).block_cols > 128, (n, dtype)
       assert triton_config.get_quant_config(
           1, n, dtype, residual=True, static=True) == triton_config.Config(
-              8, 128, 8, programs_per_sm=8, prefetch=True, hold_scale=True)
+              8, 128, 8, programs_per_sm=8, prefetch=True, hold_scale=True,
+              cache_hints=True)
   for n in (512, 1000, 1024, 1152, 2048):
     for dtype in warp_rows:
       assert triton_config.get_config(1, n, dtype).block_cols != 128, n

@@ -161,20 +161,22 @@ _PERSISTENT_WIDE_CHUNK_BYTES = 8192
 # benchmarks' copy ceiling includes that copy. The backward (within +-2%
 # either way, 14336 slower) keeps none.
 _FORWARD_CACHE_HINTS = True
-# The quantized kernel takes the same hints for rows of 2-byte values
-# without a residual. The loads' hint alone, with the layouts of the time,
-# had changed nothing (cache_hints_h200.json); both, three passes
-# alternated (H200, `python -m benchmarks.tune_triton --sweep
-# {quant,quant-static}-hints`, benchmarks/results/
-# tune_triton_quant_hints_h200.json), bf16, us without -> with: dynamic
-# 65536 x 896 47.8 -> 47.2, 4096 x 4099 24.5 -> 23.9, 2048 x 4096 7.2 ->
-# 6.9, 4096 x 2048 7.9 -> 7.6, 4096 x 14336 53.8 -> 54.0 (a tie); static
-# 4096 x 4099 21.3 -> 19.9. Float32 rows and rows with a residual keep
-# none for now: one later pass found them faster too, by 0.3% to 14%
-# (`--sweep quant-float32-hints`, `quant-residual-hints`,
-# `quant-static-residual-hints`; tune_triton_quant_hints_more_h200.json),
-# but taking that needs their records re-run for the speed table to hold.
-_QUANT_CACHE_HINTS_ITEMSIZE = 2
+# The quantized kernel takes the same hints on every row. The loads' hint
+# alone, with the layouts of the time, had changed nothing
+# (cache_hints_h200.json); both, three passes alternated (H200, `python -m
+# benchmarks.tune_triton --sweep {quant,quant-static}-hints`,
+# benchmarks/results/tune_triton_quant_hints_h200.json), bf16, us without
+# -> with: dynamic 65536 x 896 47.8 -> 47.2, 4096 x 4099 24.5 -> 23.9,
+# 2048 x 4096 7.2 -> 6.9, 4096 x 2048 7.9 -> 7.6, 4096 x 14336 53.8 ->
+# 54.0 (a tie); static 4096 x 4099 21.3 -> 19.9. Float32 rows and rows
+# with a residual, one pass (`--sweep quant-float32-hints`,
+# `quant-residual-hints`, `quant-static-residual-hints`;
+# tune_triton_quant_hints_more_h200.json), faster in every row by 0.3% to
+# 14%: float32 2048 x 4096 10.8 -> 9.3, 4096 x 4099 with a residual 69.6
+# -> 68.0, 16384 x 8192 with a residual 444.0 -> 434.6 (static 438.4 ->
+# 424.4), bf16 65536 x 896 with a residual and a static scale 100.8 ->
+# 99.0.
+_QUANT_CACHE_HINTS = True
 # Rows of at most 1024 that are a multiple of 128 but not a power of two
 # (896 = 7 x 128): a block padded to the next power of two spreads each row
 # over several warps (the sums cross them through shared memory) and masks
@@ -204,7 +206,7 @@ _QUANT_CACHE_HINTS_ITEMSIZE = 2
 # 181.6; it holds x, dy and the d(scale) sums). The dynamic bf16 kernel
 # with the amax folded lost (57.3 against 48.5), with the forward's cache
 # hints gained 2% (47.4; `--sweep quant-fold-hints`; taken since, after
-# three passes: _QUANT_CACHE_HINTS_ITEMSIZE).
+# three passes: _QUANT_CACHE_HINTS).
 _WARP_ROWS_COLS = 128
 _WARP_ROWS_MAX_N = 1024
 _WARP_ROWS_BY_ITEMSIZE = {2: dict(block_rows=2, num_warps=1),
@@ -445,9 +447,8 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   arithmetic); with a `residual` (a fused add) rows run one block a
   program, spread over more warps, but for float32 rows past 8192
   (`_quant_float32_residual`). Rows such as 896 are held a warp a row,
-  with a residual only with a static scale (`_warp_rows`). Rows of 2-byte
-  values without a residual stream with the forward's L2 hints
-  (_QUANT_CACHE_HINTS_ITEMSIZE)."""
+  with a residual only with a static scale (`_warp_rows`). Every row
+  streams with the forward's L2 hints (_QUANT_CACHE_HINTS)."""
   del rows, device_kind
   itemsize = np.dtype(dtype).itemsize
   dynamic = not (static or residual)
@@ -459,9 +460,7 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
     config = _quant_layout(n, itemsize, residual=residual, static=static)
   if dynamic and _quant_folds_amax(config, n, itemsize):
     config = dataclasses.replace(config, fold_amax=True)
-  if not residual and itemsize == _QUANT_CACHE_HINTS_ITEMSIZE:
-    config = dataclasses.replace(config, cache_hints=True)
-  return config
+  return dataclasses.replace(config, cache_hints=_QUANT_CACHE_HINTS)
 
 
 def _quant_folds_amax(config: Config, n: int, itemsize: int) -> bool:
