@@ -331,7 +331,8 @@ def test_float32_residual_takes_chunks_of_2048():
   bf16 rows keep their own."""
   get = lambda n, dtype, **kw: triton_config.get_quant_config(
       1, n, dtype, residual=True, **kw)
-  chunks = triton_config.Config(block_rows=1, block_cols=2048, num_warps=16)
+  chunks = triton_config.Config(block_rows=1, block_cols=2048, num_warps=16,
+                                cache_hints=True)
   for static in (False, True):
     for n in (4096, 6144, 8192):
       assert get(n, "float32", static=static) == chunks, (n, static)
