@@ -198,6 +198,10 @@ QUANT_FLOAT32_HINTS_SWEEP = (
 QUANT_RESIDUAL_HINTS_SWEEP = (
     (4096, 4099, "float32"), (4096, 4099, "bfloat16"),
     (16384, 8192, "float32"), (65536, 896, "bfloat16"))
+# Rows that end in a mostly masked chunk: the columns past the last whole
+# chunk held in narrower ones (Config.split_tail; `split_tail_candidates`).
+TAIL_SWEEP = ((4096, 4099, "bfloat16"), (4096, 4099, "float32"),
+              (4096, 14336, "bfloat16"))
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "backward": BACKWARD_SWEEP, "backward-small": BACKWARD_SMALL_SWEEP,
           "backward-registers": BACKWARD_REGISTERS_SWEEP,
@@ -215,6 +219,11 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           "quant-residual-hints": QUANT_RESIDUAL_HINTS_SWEEP,
           "quant-static-residual-hints": QUANT_RESIDUAL_HINTS_SWEEP,
           "forward-layouts": FORWARD_LAYOUTS_SWEEP,
+          **{f"{op}-tail": TAIL_SWEEP
+             for op in ("forward", "quant", "quant-static")},
+          **{f"{op}-tail": TAIL_SWEEP[:2]
+             for op in ("quant-residual", "quant-static-residual",
+                        "quant-channel", "quant-channel-residual")},
           "quant-held": QUANT_HELD_SWEEP,
           "quant-static-held": QUANT_HELD_SWEEP[:5],   # bf16 rows
           "quant-residual-layouts-float32": QUANT_RESIDUAL_FLOAT32_SWEEP,
@@ -408,6 +417,24 @@ def quant_hint_candidates(n: int, dtype: str, static: bool = False,
   yield dataclasses.replace(base, cache_hints=not base.cache_hints)
 
 
+def split_tail_candidates(n: int, dtype: str, base=None, *,
+                          static: bool = False, residual: bool = False):
+  """The heuristic's layout (the quantized kernel's, unless `base`), then
+  the same with the columns past the last whole chunk in narrower ones
+  (Config.split_tail), and so with chunks as wide as the largest power of
+  two in n, where those differ."""
+  if base is None:
+    base = triton_config.get_quant_config(1, n, dtype, static=static,
+                                          residual=residual)
+  yield base
+  split = dataclasses.replace(base, split_tail=True)
+  if split.chunk_widths(n) != base.chunk_widths(n):
+    yield split
+  widest = 1 << (n.bit_length() - 1)
+  if widest != base.block_cols and widest % (32 * base.num_warps) == 0:
+    yield dataclasses.replace(split, block_cols=widest)
+
+
 def quant_held_candidates(n: int, dtype: str, static: bool = False):
   """The heuristic's choice and, where it is persistent, the same with the
   scale re-read each step rather than held (Config.hold_scale), on 2, 4
@@ -455,6 +482,12 @@ QUANT_CANDIDATES = {
         quant_hint_candidates, static=True, residual=True),
     "quant-static-held": functools.partial(quant_held_candidates,
                                            static=True),
+    **{f"{op}-tail": functools.partial(
+        split_tail_candidates, static="static" in op or "channel" in op,
+        residual="residual" in op)
+       for op in ("quant", "quant-static", "quant-residual",
+                  "quant-static-residual", "quant-channel",
+                  "quant-channel-residual")},
     **{f"quant-layouts-{dtype}": quant_layout_candidates
        for dtype in QUANT_LAYOUT_SWEEPS},
     "quant-residual-layouts-float32": residual_layout_candidates,
@@ -581,6 +614,10 @@ def main(argv=None):
     elif args.sweep == "backward-registers":
       row = _backward_row(m, n, dtype, args.iterations,
                           backward_register_candidates)
+    elif args.sweep == "forward-tail":
+      row = _forward_row(m, n, dtype, args.iterations, tuple(
+          split_tail_candidates(n, dtype,
+                                base=triton_config.get_config(1, n, dtype))))
     elif args.sweep == "forward-layouts":
       row = _forward_row(m, n, dtype, args.iterations,
                          dict.fromkeys(forward_layout_candidates(n, dtype)))

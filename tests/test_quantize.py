@@ -143,6 +143,7 @@ CASES = [
     ((3, 4099), "float32", None, "float8_e5m2", "dynamic", {}),
     ((5, 4099), "bfloat16", None, "float8_e4m3fn", "dynamic", {}),
     ((6, 4099), "bfloat16", "bfloat16", "int8", "scalar", {}),
+    ((3, 4099), "float32", "float32", "float8_e4m3fn", "channel", {}),
     ((2, 16411), "float32", None, "int8", "dynamic", {}),
     ((2, 16411), "bfloat16", "bfloat16", "float8_e4m3fn", "channel", {}),
     ((301, 96), "float32", "float32", "float8_e5m2", "dynamic", {}),
@@ -247,6 +248,11 @@ FOLD_CASES = [
     ((11, 500), "float32", None, "float8_e4m3fn", {},
      triton_config.Config(block_rows=1, block_cols=128, num_warps=4,
                           programs_per_sm=1, prefetch=True, hold_scale=True)),
+    # A narrow chunk past the whole ones (Config.split_tail), reduced on
+    # its own: 390 as 3 x 128 and 8, the last partial.
+    ((5, 390), "bfloat16", None, "float8_e4m3fn", {},
+     triton_config.Config(block_rows=2, block_cols=128, num_warps=4,
+                          split_tail=True)),
 ]
 
 
@@ -254,7 +260,7 @@ FOLD_CASES = [
 @pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
 @pytest.mark.parametrize("case", FOLD_CASES,
                          ids=["no-scale", "offset", "residual", "looped",
-                              "persistent"])
+                              "persistent", "split-tail"])
 def test_amax_folded_or_not(impl, fold, case, monkeypatch):
   """Both ways of taking a row's amax against the oracle; folded, a NaN
   row and an Inf row still get scale +inf and leave the others' bits."""
@@ -360,6 +366,14 @@ PERSISTENT_CONFIGS = [
     # with the scale held: the layout get_quant_config gives 4099.
     triton_config.Config(block_rows=1, block_cols=64, num_warps=2,
                          programs_per_sm=2, prefetch=True, hold_scale=True),
+    # The same with the columns past the last whole chunk in a narrower
+    # one (Config.split_tail): 200 as (64, 64, 64, 8); as 6 x 32 and 8 on
+    # blocks of 2 rows.
+    triton_config.Config(block_rows=1, block_cols=64, num_warps=2,
+                         programs_per_sm=2, prefetch=True, hold_scale=True,
+                         split_tail=True),
+    triton_config.Config(block_rows=2, block_cols=32, num_warps=1,
+                         programs_per_sm=1, prefetch=True, split_tail=True),
 ]
 
 

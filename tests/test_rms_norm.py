@@ -18,6 +18,7 @@ from jax_rmsnorm._src import log
 from jax_rmsnorm._src import platform
 from jax_rmsnorm._src import shapes
 from jax_rmsnorm._src import speed_table
+from jax_rmsnorm._src.triton import common
 from jax_rmsnorm._src.triton import config as triton_config
 from jax_rmsnorm._src.triton import forward as triton_forward
 from tests.conftest import (IMPLEMENTATIONS, ON_GPU, assert_close,
@@ -25,9 +26,10 @@ from tests.conftest import (IMPLEMENTATIONS, ON_GPU, assert_close,
 
 DTYPES = ["float32", "bfloat16", "float16"]
 # Odd shapes: one column, prime widths, non-powers of two, no leading axis,
-# several leading axes, rows past the one-pass limit (chunked kernel).
+# several leading axes, a power of two and a few (a narrow last chunk,
+# Config.split_tail), rows past the one-pass limit (chunked kernel).
 SHAPES = [(1, 1), (7,), (5, 7), (3, 896), (13, 5120), (2, 3, 1536),
-          (4, 4096), (2, 14336), (2, 16411)]
+          (4, 4096), (3, 4099), (2, 14336), (2, 16411)]
 
 
 def _norm(impl, **kwargs):
@@ -127,6 +129,52 @@ def test_explicit_configs(config, max_one_pass, interpret, monkeypatch):
   assert_close(y, oracle(x, scale), "float32", 1000)
 
 
+def test_split_tail_chunks():
+  """Config.split_tail: the columns past the last whole chunk in one
+  chunk of the next power of two; nothing changes where n is a multiple
+  of block_cols or below it; rows past MAX_ONE_PASS_COLS (looped, a
+  traced chunk index) refuse it."""
+  widths = lambda n, cols: triton_config.Config(
+      1, cols, 4, split_tail=True).chunk_widths(n)
+  assert widths(4099, 2048) == (2048, 2048, 4)
+  assert widths(4099, 4096) == (4096, 4)
+  assert widths(14336, 4096) == (4096, 4096, 4096, 2048)
+  assert widths(5000, 4096) == (4096, 1024)
+  assert widths(4096, 1024) == (1024,) * 4
+  assert widths(1000, 2048) == (2048,)
+  assert triton_config.Config(1, 2048, 4).chunk_widths(4099) == (2048,) * 3
+  for n, cols in ((4099, 2048), (14336, 4096), (1000, 256), (200, 64)):
+    config = triton_config.Config(1, cols, 4, split_tail=True)
+    assert config.num_chunks(n) == len(config.chunk_widths(n))
+    assert 0 <= sum(config.chunk_widths(n)) - n < min(config.chunk_widths(n))
+  looped = triton_config.Config(1, 8192, 4, split_tail=True)
+  assert not looped.resident(20000)
+  with pytest.raises(ValueError, match="split_tail"):
+    common.row_grid(looped, 4, 20000)
+
+
+def test_narrow_tail_where_measured():
+  """Rows a power of two and a few columns long that do not start on 16
+  bytes (4099) are held as chunks of that power of two and one narrow
+  chunk, launch otherwise kept, in the forward and every quantized
+  kernel (triton/config.py, _NARROW_TAIL_BELOW: faster on an H200);
+  rows on 16 bytes (4104), wider tails (14336, 5120), powers of two and
+  rows past the one-pass limit (16411) keep their chunks."""
+  heuristics = [triton_config.get_config] + [
+      functools.partial(triton_config.get_quant_config, static=static,
+                        residual=residual)
+      for static in (False, True) for residual in (False, True)]
+  for get in heuristics:
+    for dtype in ("bfloat16", "float32", "float16"):
+      config = get(1, 4099, dtype)
+      assert config.chunk_widths(4099) == (4096, 4), (get, dtype, config)
+      assert config.split_tail
+      for n in (4104, 14336, 5120, 4096, 16411):
+        assert not get(1, n, dtype).split_tail, (get, n, dtype)
+  assert triton_config.get_config(1, 1030, "bfloat16").chunk_widths(1030) == (
+      1024, 8)
+
+
 # A persistent grid (each program loops over every grid-th block of rows):
 # the next rows loaded ahead or not, the scale held across the loop or
 # re-read; blocks of 1 and 2 rows, rows of one padded chunk and of four.
@@ -137,6 +185,14 @@ FORWARD_PERSISTENT_CONFIGS = [
                          programs_per_sm=2),
     triton_config.Config(block_rows=1, block_cols=64, num_warps=2,
                          programs_per_sm=2, prefetch=True, hold_scale=True),
+    # The columns past the last whole chunk in a narrower one
+    # (Config.split_tail): 200 as (64, 64, 64, 8); as 6 x 32 and 8 on
+    # blocks of 2 rows.
+    triton_config.Config(block_rows=1, block_cols=64, num_warps=2,
+                         programs_per_sm=2, prefetch=True, hold_scale=True,
+                         split_tail=True),
+    triton_config.Config(block_rows=2, block_cols=32, num_warps=1,
+                         programs_per_sm=1, prefetch=True, split_tail=True),
 ]
 
 

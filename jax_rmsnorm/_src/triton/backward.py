@@ -233,6 +233,9 @@ def backward(x: jax.Array, dy: jax.Array, dh: jax.Array | None,
                               "registers, which the backward kernel needs")
   if not config.programs_per_sm:
     raise ValueError(f"{config} needs programs_per_sm > 0 (persistent grid)")
+  if config.split_tail:
+    raise ValueError(f"{config}: the backward holds chunks of block_cols "
+                     "only (no split_tail)")
   num_programs = config.num_programs(m, platform.sm_count())
   steps = pl.cdiv(pl.cdiv(m, config.block_rows), num_programs)
   logger.debug("rms_norm triton backward: rows=%d n=%d dtype=%s programs=%d "

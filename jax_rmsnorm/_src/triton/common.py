@@ -60,14 +60,20 @@ class RowBlock:
   so those loads and stores stay unmasked."""
 
   def __init__(self, *, m: int, n: int, block_rows: int, block_cols: int,
-               first_row=None, cache_hints: bool = False):
+               first_row=None, cache_hints: bool = False, widths=None):
     """first_row: None where each program's refs are its own block of rows
     (program i, rows i * block_rows on); else the first row of this block
     in refs that hold every row (a persistent program's loop step), whose
     rows are then always masked (a last step may lie past the end).
     cache_hints: `load_input` loads with L2 priority evict_last and `store`
-    stores evict_first (Config.cache_hints)."""
+    stores evict_first (Config.cache_hints). widths: the chunks' widths
+    (Config.chunk_widths), where they are not all block_cols; chunks are
+    then indexed by Python ints only."""
     self.m, self.n = m, n
+    self.widths = widths
+    if widths is not None and len(set(widths)) == 1:
+      self.widths = None
+
     self.load_hint, self.store_hint = eviction_hints(cache_hints)
     self.block_rows, self.block_cols = block_rows, block_cols
     self.shape = (block_rows, block_cols)
@@ -78,24 +84,37 @@ class RowBlock:
         jnp.int32, self.shape, 0)
     self.need_rows = self.whole or m % block_rows != 0
 
+  def span(self, k) -> tuple:
+    """(first column, width) of chunk `k`."""
+    if self.widths is None:
+      return k * self.block_cols, self.block_cols
+    if not isinstance(k, int):
+      raise ValueError(f"chunks of widths {self.widths} need a static index")
+    return sum(self.widths[:k]), self.widths[k]
+
   def masks(self, k):
     """(element mask, column mask) of chunk `k`."""
-    need_cols = not isinstance(k, int) or (k + 1) * self.block_cols > self.n
-    start = k * self.block_cols
-    mask = self.rows < self.m if self.need_rows else None
+    start, width = self.span(k)
+    need_cols = not isinstance(k, int) or start + width > self.n
+    shape = (self.block_rows, width)
+    mask = None
+    if self.need_rows:
+      rows = (self.rows if width == self.block_cols else self.first_row
+              + jax.lax.broadcasted_iota(jnp.int32, shape, 0))
+      mask = rows < self.m
     if need_cols:
-      cols = start + jax.lax.broadcasted_iota(jnp.int32, self.shape, 1)
+      cols = start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
       mask = cols < self.n if mask is None else mask & (cols < self.n)
     col_mask = None
     if need_cols:
-      col_mask = start + jax.lax.iota(jnp.int32, self.block_cols) < self.n
+      col_mask = start + jax.lax.iota(jnp.int32, width) < self.n
     return mask, col_mask
 
   def chunk(self, ref, k):
+    start, width = self.span(k)
     if self.whole and ref.ndim == 2:
-      return ref.at[ds(self.first_row, self.block_rows),
-                    ds(k * self.block_cols, self.block_cols)]
-    return columns(ref, k * self.block_cols, self.block_cols)
+      return ref.at[ds(self.first_row, self.block_rows), ds(start, width)]
+    return columns(ref, start, width)
 
   def load(self, ref, k, mask, **hint):
     if mask is None:
@@ -120,8 +139,7 @@ class RowBlock:
     plgpu.store(ref, values, mask=row_ids < self.m)
 
   def scale_chunk(self, scale_ref, k, offset: float):
-    """Chunk k of the scale plus `offset`, float32, as a (1, block_cols)
-    row."""
+    """Chunk k of the scale plus `offset`, float32, as a (1, width) row."""
     w = self.load(scale_ref, k, self.masks(k)[1]).astype(jnp.float32)
     return (jnp.float32(offset) + w)[None, :]
 
@@ -177,30 +195,44 @@ class RowBlock:
 
   def sum_squares(self, load_row, num_chunks: int, resident: bool,
                   max_of=None):
-    """(the chunks held in registers, or None; the (rows, block_cols)
-    elementwise sum of squares over the chunks; with `max_of`, the
-    elementwise max over the chunks of max_of(k, x), else None).
-    `resident` (or one chunk): every chunk is loaded once and kept, one pass
-    over HBM; otherwise a loop that the caller's later passes repeat."""
+    """(the chunks held in registers, or None; the rows' sums of squares,
+    (rows, 1); with `max_of`, the rows' max of max_of(k, x) over their
+    chunks, (rows, 1), else None). The chunks of block_cols are summed
+    elementwise, then reduced once; narrower chunks (Config.split_tail)
+    are reduced each and added after, in order. `resident` (or one
+    chunk): every chunk is loaded once and kept, one pass over HBM;
+    otherwise a loop that the caller's later passes repeat."""
     def fold(k, x, acc):
       sq, mx = x * x, None if max_of is None else max_of(k, x)
       if acc is None:
         return sq, mx
       return acc[0] + sq, None if mx is None else jnp.maximum(acc[1], mx)
 
+    def reduced(acc):
+      sq, mx = acc
+      return (jnp.sum(sq, axis=1, keepdims=True),
+              None if mx is None else jnp.max(mx, axis=1, keepdims=True))
+
     if num_chunks == 1 or resident:
       xs = [load_row(k, write_h=True) for k in range(num_chunks)]
-      acc = None
+      acc = tails = None
       for k, x in enumerate(xs):
-        acc = fold(k, x, acc)
-      return (xs,) + acc
+        if self.span(k)[1] == self.block_cols:
+          acc = fold(k, x, acc)
+        else:
+          tails = (tails or []) + [reduced(fold(k, x, None))]
+      sq, mx = reduced(acc)
+      for tail_sq, tail_mx in tails or ():
+        sq = sq + tail_sq
+        mx = None if mx is None else jnp.maximum(mx, tail_mx)
+      return xs, sq, mx
 
     def step(k, acc):
       return fold(k, load_row(k, write_h=True), acc)
     zeros = jnp.zeros(self.shape, jnp.float32)
-    sq, mx = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step,
-                               (zeros, None if max_of is None else zeros))
-    return None, sq, mx
+    acc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step,
+                            (zeros, None if max_of is None else zeros))
+    return (None,) + reduced(acc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +257,11 @@ class RowGrid:
 def row_grid(config: triton_config.Config, m: int, n: int) -> RowGrid:
   """The grid `config` launches for m rows of n: persistent where
   config.programs_per_sm (rows held in registers only)."""
-  width = config.block_cols * config.num_chunks(n)
+  width = sum(config.chunk_widths(n))
   row_blocks = pl.cdiv(m, config.block_rows)
+  if config.split_tail and not config.resident(n):
+    raise ValueError(f"{config}: narrow chunks (split_tail) need rows held "
+                     f"in registers, which {n} columns are not")
   if not config.programs_per_sm:
     return RowGrid(row_blocks, 0, (config.block_rows, width))
   if not config.resident(n):
@@ -254,7 +289,8 @@ def each_row_block(body, *, grid: RowGrid, config: triton_config.Config,
   def block_at(first_row=None):
     return RowBlock(m=m, n=n, block_rows=config.block_rows,
                     block_cols=config.block_cols, first_row=first_row,
-                    cache_hints=config.cache_hints)
+                    cache_hints=config.cache_hints,
+                    widths=config.chunk_widths(n))
 
   if not grid.steps:
     body(block_at(), None, None)

@@ -52,6 +52,10 @@ class Config:
       the amax as its product with rstd (`quantize.amax_from_scaled`): no
       row reduction after rstd, one more accumulator in registers (where
       measured to win: the comments at _QUANT_FOLD_AMAX_WIDE_BYTES).
+    split_tail: the columns past a row's last whole chunk are held in one
+      narrower chunk (`chunk_widths`) rather than in one more chunk of
+      block_cols that is mostly masked; rows held in registers only (the
+      comments at _NARROW_TAIL_BELOW).
   """
   block_rows: int
   block_cols: int
@@ -64,6 +68,7 @@ class Config:
   dscale_by_columns: bool = False
   cache_hints: bool = False
   fold_amax: bool = False
+  split_tail: bool = False
 
   def __post_init__(self):
     for field in ("block_rows", "block_cols", "num_warps"):
@@ -71,8 +76,18 @@ class Config:
       if value < 1 or value & (value - 1):
         raise ValueError(f"Config.{field} must be a power of two, got {value}")
 
+  def chunk_widths(self, n: int) -> tuple[int, ...]:
+    """The widths of a row's chunks, in order: block_cols each, the last
+    padded past n; with split_tail the columns past the last whole chunk
+    in one chunk of the next power of two (4099 in chunks of 4096: (4096,
+    4); in chunks of 2048: (2048, 2048, 4))."""
+    whole, rest = divmod(n, self.block_cols)
+    if not (self.split_tail and whole and rest):
+      return (self.block_cols,) * pl.cdiv(n, self.block_cols)
+    return (self.block_cols,) * whole + (pl.next_power_of_2(rest),)
+
   def num_chunks(self, n: int) -> int:
-    return pl.cdiv(n, self.block_cols)
+    return len(self.chunk_widths(n))
 
   def num_programs(self, rows: int, sm_count: int) -> int:
     """Programs to launch for `rows` rows on `sm_count` SMs."""
@@ -90,7 +105,7 @@ class Config:
 
   def resident(self, n: int) -> bool:
     """Whether a row is held in registers (one pass) rather than re-read."""
-    return self.num_chunks(n) * self.block_cols <= MAX_ONE_PASS_COLS
+    return sum(self.chunk_widths(n)) <= MAX_ONE_PASS_COLS
 
 
 def column_tile(rows: int, n: int, programs: int, itemsize: int
@@ -177,6 +192,29 @@ _FORWARD_CACHE_HINTS = True
 # 424.4), bf16 65536 x 896 with a residual and a static scale 100.8 ->
 # 99.0.
 _QUANT_CACHE_HINTS = True
+# Rows a power of two and a few columns long (4099 = 4096 + 3) ended in a
+# chunk that held the few columns and masked the rest (2048 lanes of 2048
+# but 3, or of 4096 but 3): every masked lane still costs its load and
+# store instructions, and these rows, not on 16 bytes, load element by
+# element. Held as chunks of that power of two and one narrow chunk of
+# the rest (Config.split_tail; `_narrow_tail`), the launch otherwise kept,
+# they ran faster in every kernel without a residual and in every
+# quantized one with (H200, one pass, `python -m benchmarks.tune_triton
+# --sweep {forward,quant,quant-static,quant-residual,quant-static-residual,
+# quant-channel,quant-channel-residual}-tail`,
+# benchmarks/results/tune_triton_tail_h200.json; 4096 x 4099, us): the
+# forward bf16 23.7 -> 23.5, float32 40.4 -> 38.5; dynamic codes bf16 23.9
+# -> 22.0, float32 30.1 -> 28.4; static bf16 20.0 -> 19.5, float32 29.8 ->
+# 28.7; with a residual bf16 41.3 -> 39.1, float32 67.4 -> 65.7; static
+# with a residual bf16 40.7 -> 40.8 (a tie), float32 65.9 -> 65.0; a scale
+# a column bf16 33.2 -> 31.0, float32 41.8 -> 39.6, with a residual bf16
+# 49.0 -> 47.1, float32 70.9 -> 67.5. Wider tails lost: 4096 x 14336 as
+# (4096 x 3, 2048), the forward 61.5 -> 72.6 us, the quantized kernel
+# 53.7 -> 76.2 (dynamic) and 49.8 -> 59.6 (static). Rows that start on
+# 16 bytes (4104) keep their launch: the forward tied there (2 x 4096:
+# 20.0 us, (4096, 8): 20.1, one row a program, in a standalone kernel not
+# kept here), the quantized kernel is untimed.
+_NARROW_TAIL_BELOW = 8
 # Rows of at most 1024 that are a multiple of 128 but not a power of two
 # (896 = 7 x 128): a block padded to the next power of two spreads each row
 # over several warps (the sums cross them through shared memory) and masks
@@ -373,8 +411,9 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None,
   itemsize = np.dtype(dtype).itemsize
   layout = _row_layout(n, itemsize)
   if not residual:
-    layout = _warp_rows(n, itemsize) or _forward_persistent(layout, n,
-                                                            itemsize)
+    layout = _narrow_tail(_warp_rows(n, itemsize)
+                          or _forward_persistent(layout, n, itemsize), n,
+                          itemsize)
   return dataclasses.replace(layout, cache_hints=_FORWARD_CACHE_HINTS)
 
 
@@ -460,7 +499,23 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
     config = _quant_layout(n, itemsize, residual=residual, static=static)
   if dynamic and _quant_folds_amax(config, n, itemsize):
     config = dataclasses.replace(config, fold_amax=True)
-  return dataclasses.replace(config, cache_hints=_QUANT_CACHE_HINTS)
+  return dataclasses.replace(_narrow_tail(config, n, itemsize),
+                             cache_hints=_QUANT_CACHE_HINTS)
+
+
+def _narrow_tail(config: Config, n: int, itemsize: int) -> Config:
+  """Rows a power of two and a few columns long (under an eighth more)
+  that do not start on 16 bytes, held in registers: chunks as wide as
+  that power of two and the few columns in one narrow chunk
+  (Config.split_tail), the launch otherwise kept (the comments at
+  _NARROW_TAIL_BELOW); `config` elsewhere."""
+  widest = 1 << (n.bit_length() - 1)
+  if not (0 < n - widest < widest // _NARROW_TAIL_BELOW
+          and (n * itemsize) % 16
+          and widest % (32 * config.num_warps) == 0):
+    return config
+  narrow = dataclasses.replace(config, block_cols=widest, split_tail=True)
+  return narrow if narrow.resident(n) else config
 
 
 def _quant_folds_amax(config: Config, n: int, itemsize: int) -> bool:

@@ -61,11 +61,10 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
       block.store(y_ref, k, y, block.masks(k)[0])
 
     xs, sq, _ = block.sum_squares(load_row, num_chunks, config.resident(n))
-    mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
-    rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
+    rstd = jax.lax.rsqrt(sq / jnp.float32(n) + jnp.float32(eps))
     if rstd_ref is not None:  # The same arithmetic, as a vector of rows.
       block.store_rows(rstd_ref, jax.lax.rsqrt(
-          jnp.sum(sq, axis=1) / jnp.float32(n) + jnp.float32(eps)))
+          sq[:, 0] / jnp.float32(n) + jnp.float32(eps)))
 
     if xs is not None:
       for k, x in enumerate(xs):

@@ -125,8 +125,7 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
     xs, sq, max_scaled = block.sum_squares(
         load_row, num_chunks, resident,
         max_of=scaled_abs if fold_amax else None)
-    mean_sq = jnp.sum(sq, axis=1, keepdims=True) / jnp.float32(n)
-    rstd = jax.lax.rsqrt(mean_sq + jnp.float32(eps))
+    rstd = jax.lax.rsqrt(sq / jnp.float32(n) + jnp.float32(eps))
     if xs is not None:
       ys = [normalized(k, x) for k, x in enumerate(xs)]
 
@@ -135,8 +134,7 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
       inv = plgpu.load(inv_ref)[None, :]           # (1, 1)
     elif static is None:
       if fold_amax:
-        amax = quantize.amax_from_scaled(
-            jnp.max(max_scaled, axis=1, keepdims=True), rstd)
+        amax = quantize.amax_from_scaled(max_scaled, rstd)
       elif xs is not None:
         amax = chunk_amax(ys[0])
         for y in ys[1:]:
