@@ -208,9 +208,11 @@ _QUANT_CACHE_HINTS = True
 # 28.7; with a residual bf16 41.3 -> 39.1, float32 67.4 -> 65.7; static
 # with a residual bf16 40.7 -> 40.8 (a tie), float32 65.9 -> 65.0; a scale
 # a column bf16 33.2 -> 31.0, float32 41.8 -> 39.6, with a residual bf16
-# 49.0 -> 47.1, float32 70.9 -> 67.5. Wider tails lost: 4096 x 14336 as
-# (4096 x 3, 2048), the forward 61.5 -> 72.6 us, the quantized kernel
-# 53.7 -> 76.2 (dynamic) and 49.8 -> 59.6 (static). Rows that start on
+# 49.0 -> 47.1, float32 70.9 -> 67.5. Wider remainders held in narrower
+# chunks lost (4096 x 14336: the forward as 3 x 4096 and 2048, 61.5 ->
+# 72.6 us; dynamic codes as 8192, 4096 and 2048, 53.7 -> 76.2; static as
+# 3 x 4096 and 2048, 49.8 -> 59.6), so only remainders under an eighth
+# of that power of two take a narrow chunk. Rows that start on
 # 16 bytes (4104) keep their launch: the forward tied there (2 x 4096:
 # 20.0 us, (4096, 8): 20.1, one row a program, in a standalone kernel not
 # kept here), the quantized kernel is untimed.
