@@ -224,6 +224,8 @@ SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
           **{f"{op}-tail": TAIL_SWEEP[:2]
              for op in ("quant-residual", "quant-static-residual",
                         "quant-channel", "quant-channel-residual")},
+          **{f"{op}-tail-layouts": TAIL_SWEEP[:2]
+             for op in ("forward", "quant", "quant-static")},
           "quant-held": QUANT_HELD_SWEEP,
           "quant-static-held": QUANT_HELD_SWEEP[:5],   # bf16 rows
           "quant-residual-layouts-float32": QUANT_RESIDUAL_FLOAT32_SWEEP,
@@ -435,6 +437,19 @@ def split_tail_candidates(n: int, dtype: str, base=None, *,
     yield dataclasses.replace(split, block_cols=widest)
 
 
+def tail_layout_candidates(n: int, dtype: str, base=None, *,
+                           static: bool = False):
+  """The heuristic's layout (the quantized kernel's, unless `base`), then
+  `layout_candidates` with a narrow last chunk (Config.split_tail) and the
+  L2 hints: where a row is a power of two and a few columns (4099), the
+  launches that the narrow chunk's sweep (`split_tail_candidates`) kept."""
+  if base is None:
+    base = triton_config.get_quant_config(1, n, dtype, static=static)
+  yield base
+  yield from layout_candidates(n, dtype, split_tail=True, cache_hints=True,
+                               fold_amax=base.fold_amax)
+
+
 def quant_held_candidates(n: int, dtype: str, static: bool = False):
   """The heuristic's choice and, where it is persistent, the same with the
   scale re-read each step rather than held (Config.hold_scale), on 2, 4
@@ -488,6 +503,9 @@ QUANT_CANDIDATES = {
        for op in ("quant", "quant-static", "quant-residual",
                   "quant-static-residual", "quant-channel",
                   "quant-channel-residual")},
+    "quant-tail-layouts": tail_layout_candidates,
+    "quant-static-tail-layouts": functools.partial(tail_layout_candidates,
+                                                   static=True),
     **{f"quant-layouts-{dtype}": quant_layout_candidates
        for dtype in QUANT_LAYOUT_SWEEPS},
     "quant-residual-layouts-float32": residual_layout_candidates,
@@ -614,6 +632,10 @@ def main(argv=None):
     elif args.sweep == "backward-registers":
       row = _backward_row(m, n, dtype, args.iterations,
                           backward_register_candidates)
+    elif args.sweep == "forward-tail-layouts":
+      row = _forward_row(m, n, dtype, args.iterations, tuple(dict.fromkeys(
+          tail_layout_candidates(
+              n, dtype, base=triton_config.get_config(1, n, dtype)))))
     elif args.sweep == "forward-tail":
       row = _forward_row(m, n, dtype, args.iterations, tuple(
           split_tail_candidates(n, dtype,
