@@ -199,7 +199,8 @@ QUANT_RESIDUAL_HINTS_SWEEP = (
     (4096, 4099, "float32"), (4096, 4099, "bfloat16"),
     (16384, 8192, "float32"), (65536, 896, "bfloat16"))
 # Rows that end in a mostly masked chunk: the columns past the last whole
-# chunk held in narrower ones (Config.split_tail; `split_tail_candidates`).
+# chunk held in a narrower one (Config.split_tail; `split_tail_candidates`;
+# when tune_triton_tail_h200.json was run, in descending powers of two).
 TAIL_SWEEP = ((4096, 4099, "bfloat16"), (4096, 4099, "float32"),
               (4096, 14336, "bfloat16"))
 SWEEPS = {"large": SWEEP, "small": SMALL_SWEEP, "chunks": CHUNK_SWEEP,
@@ -422,7 +423,7 @@ def quant_hint_candidates(n: int, dtype: str, static: bool = False,
 def split_tail_candidates(n: int, dtype: str, base=None, *,
                           static: bool = False, residual: bool = False):
   """The heuristic's layout (the quantized kernel's, unless `base`), then
-  the same with the columns past the last whole chunk in narrower ones
+  the same with the columns past the last whole chunk in a narrower one
   (Config.split_tail), and so with chunks as wide as the largest power of
   two in n, where those differ."""
   if base is None:

@@ -604,7 +604,7 @@ LOWERING_SHAPES = [
     ((2, 14336), "float32", "float32"),   # 7 chunks held in registers
     ((2, 16411), "bfloat16", None),       # chunked loops, prime N
     ((301, 96), "float32", "float32"),    # several rows per program
-    ((5, 4099), "bfloat16", None),        # chunks on a persistent grid
+    ((5, 4099), "bfloat16", None),        # a narrow last chunk, persistent
     ((9, 1), "float16", None),
 ]
 
