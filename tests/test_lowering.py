@@ -76,7 +76,7 @@ def _pretend_cuda(monkeypatch):
     ((1, 7), "bfloat16", None, 0.0),
     ((300, 96), "float32", "float32", 1.0),       # several rows per program
     ((3, 4099), "bfloat16", "bfloat16", 0.0),     # a narrow last chunk of 4
-    ((2, 257), "float32", "float32", 0.0),        # a narrow last chunk of 1
+    ((2, 257), "float32", "float32", 0.0),        # the narrowest, 4 for 1
 ], ids=str)
 def test_forward_lowers_with_one_named_kernel(shape, dtype, scale_dtype,
                                               offset):

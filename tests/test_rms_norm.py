@@ -131,13 +131,15 @@ def test_explicit_configs(config, max_one_pass, interpret, monkeypatch):
 
 def test_split_tail_chunks():
   """Config.split_tail: the columns past the last whole chunk in one
-  chunk of the next power of two; nothing changes where n is a multiple
+  chunk of the next power of two, at least 4; nothing changes where n is a multiple
   of block_cols or below it; rows past MAX_ONE_PASS_COLS (looped, a
   traced chunk index) refuse it."""
   widths = lambda n, cols: triton_config.Config(
       1, cols, 4, split_tail=True).chunk_widths(n)
   assert widths(4099, 2048) == (2048, 2048, 4)
   assert widths(4099, 4096) == (4096, 4)
+  assert widths(4097, 4096) == (4096, 4)   # _NARROW_TAIL_MIN_COLS
+  assert widths(130, 64) == (64, 64, 4)
   assert widths(14336, 4096) == (4096, 4096, 4096, 2048)
   assert widths(5000, 4096) == (4096, 1024)
   assert widths(4096, 1024) == (1024,) * 4

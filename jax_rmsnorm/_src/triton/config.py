@@ -79,12 +79,15 @@ class Config:
   def chunk_widths(self, n: int) -> tuple[int, ...]:
     """The widths of a row's chunks, in order: block_cols each, the last
     padded past n; with split_tail the columns past the last whole chunk
-    in one chunk of the next power of two (4099 in chunks of 4096: (4096,
-    4); in chunks of 2048: (2048, 2048, 4))."""
+    in one chunk of the next power of two, at least _NARROW_TAIL_MIN_COLS
+    (4099 in chunks of 4096: (4096, 4); in chunks of 2048: (2048, 2048,
+    4); 4097: (4096, 4))."""
     whole, rest = divmod(n, self.block_cols)
     if not (self.split_tail and whole and rest):
       return (self.block_cols,) * pl.cdiv(n, self.block_cols)
-    return (self.block_cols,) * whole + (pl.next_power_of_2(rest),)
+    tail = min(max(pl.next_power_of_2(rest), _NARROW_TAIL_MIN_COLS),
+               self.block_cols)
+    return (self.block_cols,) * whole + (tail,)
 
   def num_chunks(self, n: int) -> int:
     return len(self.chunk_widths(n))
@@ -217,6 +220,9 @@ _QUANT_CACHE_HINTS = True
 # 20.0 us, (4096, 8): 20.1, one row a program, in a standalone kernel not
 # kept here), the quantized kernel is untimed.
 _NARROW_TAIL_BELOW = 8
+# The narrowest last chunk: 4, which ran compiled on the H200 (4099);
+# narrower ones (257 = 256 + 1) lower for CUDA but never ran.
+_NARROW_TAIL_MIN_COLS = 4
 # Rows of at most 1024 that are a multiple of 128 but not a power of two
 # (896 = 7 x 128): a block padded to the next power of two spreads each row
 # over several warps (the sums cross them through shared memory) and masks
