@@ -15,10 +15,8 @@ import json
 import math
 import sys
 
-# The issues' "large" inputs: 8M elements or more.
-LARGE_ELEMENTS = 8 * 2**20
-
 from jax_rmsnorm._src import bench
+from jax_rmsnorm._src import shapes
 
 _NAMES = {"triton": "Pallas Triton", "mosaic": "Pallas Mosaic GPU"}
 
@@ -80,13 +78,13 @@ def markdown(json_path: str) -> str:
 def summary_row(data: dict, impl: str | None = None) -> dict:
   """What `impl` (default: the record's first implementation) gives in one
   record: the geometric mean of XLA's time over its own on every row; over
-  the rows of LARGE_ELEMENTS or more, that mean, the least and greatest of
+  the rows of shapes.LARGE_ELEMENTS or more, that mean, the least and greatest of
   the ratio and of its % of the copy ceiling (for the quantized ops, of the
   byte floor), each with its row; its worst row against XLA."""
   rows = data["rows"]
   impl = impl or bench.implementations_of(rows)[0]
   ran = [r for r in rows if r.get(impl + "_us") is not None]
-  large = [r for r in ran if r["m"] * r["n"] >= LARGE_ELEMENTS]
+  large = [r for r in ran if r["m"] * r["n"] >= shapes.LARGE_ELEMENTS]
   ratio = lambda r: r[impl + "_xla_ratio"]
   pct = lambda r: r[impl + "_pct_copy"]
   name = lambda r: f"{r['dtype']} {r['m']} x {r['n']}"
@@ -124,7 +122,7 @@ def summary(json_paths) -> str:
         f"{hi:.2f}x ({hi_at}) | {plo:.1f} ({plo_at}) | {phi:.1f} ({phi_at}) "
         f"| {s['slowest'][0]:.3f} ({s['slowest'][1]}) |")
   lines.append("")
-  lines.append(f"{'; '.join(sorted(card))}; large: {LARGE_ELEMENTS // 2**20}"
+  lines.append(f"{'; '.join(sorted(card))}; large: {shapes.LARGE_ELEMENTS // 2**20}"
                "Mi elements or more; worst: the row where ours is slowest "
                "against XLA (under 1: faster there too).")
   return "\n".join(lines)

@@ -21,13 +21,16 @@ from tests.conftest import assert_close, oracle, random_inputs, requires_gpu
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# The ops of the H200 records the shipped table was written from (README:
+# `python -m benchmarks.speed_table` over their records).
+H200_RECORD_OPS = ("forward", "step") + tuple(
+    op for op in speed_table.OPS if op.startswith("quant"))
+
+
 def _h200_records() -> list[dict]:
-  """The records the shipped table was written from (README: `python -m
-  benchmarks.speed_table` over these)."""
-  ops = ("forward", "step") + tuple(
-      op for op in speed_table.OPS if op.startswith("quant"))
   return [json.loads((ROOT / "benchmarks" / "results"
-                      / f"{op}_NVIDIA_H200.json").read_text()) for op in ops]
+                      / f"{op}_NVIDIA_H200.json").read_text())
+          for op in H200_RECORD_OPS]
 
 
 def test_shipped_table_is_what_the_records_give():

@@ -26,11 +26,9 @@ def test_results_at_a_glance_are_the_records():
   """The README's table "At a glance" is `python -m benchmarks.report
   --summary` over the H200's auto records, as committed."""
   from benchmarks import report
-  from jax_rmsnorm._src import speed_table
+  from tests.test_dispatch import H200_RECORD_OPS
   auto = README.parent / "benchmarks" / "results" / "auto"
-  paths = [auto / f"{op}_NVIDIA_H200.json"
-           for op in ("forward", "step") + tuple(
-               op for op in speed_table.OPS if op.startswith("quant"))]
+  paths = [auto / f"{op}_NVIDIA_H200.json" for op in H200_RECORD_OPS]
   want = [l for l in report.summary(paths).splitlines() if l.startswith("|")]
   text = README.read_text().splitlines()
   start = text.index(want[0])
