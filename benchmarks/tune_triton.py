@@ -775,7 +775,8 @@ def _quant_row(m, n, dtype, iterations, static: bool, residual: bool,
              floor_us=nbytes / ceiling["copy_gbps"] / 1e3,
              xla_us=bench.measure_us(xla, x, scale, r),
              default=str(triton_config.get_quant_config(
-                 m, n, dtype, residual=residual, static=static)),
+                 m, n, dtype, residual=residual, static=static,
+                 per_channel=per_channel)),
              configs=[])
   make = lambda cfg: jax.jit(lambda a, s, res: triton_quantize.forward(
       a, res, s, quant_scale, epsilon=1e-6, scale_offset=0.0,

@@ -169,12 +169,57 @@ def test_narrow_tail_where_measured():
   for get in heuristics:
     for dtype in ("bfloat16", "float32", "float16"):
       config = get(1, 4099, dtype)
-      assert config.chunk_widths(4099) == (4096, 4), (get, dtype, config)
+      widths = config.chunk_widths(4099)
+      assert widths in ((4096, 4), (2048, 2048, 4)), (get, dtype, config)
       assert config.split_tail
       for n in (4104, 14336, 5120, 4096, 16411):
         assert not get(1, n, dtype).split_tail, (get, n, dtype)
   assert triton_config.get_config(1, 1030, "bfloat16").chunk_widths(1030) == (
       1024, 8)
+
+
+def test_narrow_tail_launch_where_measured(monkeypatch):
+  """With a narrow chunk, rows of 4096 and a few columns take the launch
+  measured there (triton/config.py, _NARROW_TAIL_LAUNCH) without a
+  residual (a scale a column: its own); with one, and at other widths (2051, 8195), the launch the
+  heuristic gives without that table is kept."""
+  launch = lambda c: (c.block_cols, c.num_warps, c.programs_per_sm)
+  quant = triton_config.get_quant_config
+  heuristics = {
+      "forward": triton_config.get_config,
+      "dynamic": quant,
+      "static": functools.partial(quant, static=True),
+      "channel": functools.partial(quant, per_channel=True),
+      None: functools.partial(quant, residual=True),
+  }
+  measured = {
+      ("forward", "bfloat16"): (4096, 16, 2),
+      ("forward", "float32"): (4096, 16, 2),
+      ("dynamic", "bfloat16"): (2048, 4, 4),
+      ("dynamic", "float32"): (4096, 8, 2),   # kept (the fastest)
+      ("static", "bfloat16"): (4096, 4, 4),
+      ("static", "float32"): (4096, 16, 2),
+      ("channel", "bfloat16"): (4096, 4, 8),   # kept
+      ("channel", "float32"): (4096, 16, 2),
+      (None, "bfloat16"): (4096, 4, 0),
+      (None, "float32"): (4096, 8, 0),
+  }
+  with_table = {(kernel, dtype, n): get(1, n, dtype)
+                for kernel, get in heuristics.items()
+                for dtype in ("bfloat16", "float32")
+                for n in (4099, 2051, 8195)}
+  monkeypatch.setattr(triton_config, "_NARROW_TAIL_LAUNCH", {})
+  for (kernel, dtype, n), config in with_table.items():
+    assert config.split_tail, (kernel, dtype, n)
+    without = heuristics[kernel](1, n, dtype)
+    if n == 4099:
+      assert launch(config) == measured[kernel, dtype], (kernel, dtype)
+      assert (config == without) == (
+          (kernel, dtype) in (("dynamic", "float32"),
+                              ("channel", "bfloat16"), (None, "bfloat16"),
+                              (None, "float32"))), (kernel, dtype)
+    else:
+      assert config == without, (kernel, dtype, n)
 
 
 # A persistent grid (each program loops over every grid-th block of rows):

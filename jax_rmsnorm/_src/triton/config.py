@@ -220,6 +220,30 @@ _QUANT_CACHE_HINTS = True
 # 20.0 us, (4096, 8): 20.1, one row a program, in a standalone kernel not
 # kept here), the quantized kernel is untimed.
 _NARROW_TAIL_BELOW = 8
+# With the narrow chunk, the launch that won at 4096 x 4099 without a
+# residual, by kernel and itemsize (H200, JAX 0.11.2, CUPTI, us; the
+# heuristic's launch -> this one; `python -m benchmarks.tune_triton --sweep
+# {forward,quant,quant-static}-tail-layouts`, then every (warps 4, 8, 16) x
+# (programs an SM 2, 4, 8) x (chunks 2048, 4096) in three interleaved
+# rounds, benchmarks/results/tune_triton_tail_layouts_h200.json; both
+# passes agreed): the forward bf16 (4 warps, 4 an SM) 23.4 -> 22.9,
+# float32 (16, 4) 38.5 -> 38.0; dynamic codes bf16 (chunks of 4096, 8 an
+# SM) 22.0 -> 20.9; static bf16 (8 an SM) 19.4 -> 17.9, float32 (8 warps)
+# 28.6 -> 27.5. Dynamic float32 kept its launch (28.5, the fastest). A
+# scale a column on the static scale's launches (the records,
+# `benchmark_rmsnorm --ops quant-channel --shapes 4096x4099`): float32 36.6
+# -> 34.3, taken; bf16 31.4 -> 34.6 on 4 an SM, so it keeps 8. Only rows of
+# 4096 and a few columns were measured; other widths, and rows with a
+# residual, keep their launch.
+_NARROW_TAIL_LAUNCH_WIDEST = 4096
+_NARROW_TAIL_LAUNCH = {
+    ("forward", 2): dict(num_warps=16, programs_per_sm=2),
+    ("forward", 4): dict(num_warps=16, programs_per_sm=2),
+    ("dynamic", 2): dict(block_cols=2048, programs_per_sm=4),
+    ("static", 2): dict(programs_per_sm=4),
+    ("static", 4): dict(num_warps=16),
+    ("channel", 4): dict(num_warps=16),
+}
 # The narrowest last chunk: 4, which ran compiled on the H200 (4099);
 # narrower ones (257 = 256 + 1) lower for CUDA but never ran.
 _NARROW_TAIL_MIN_COLS = 4
@@ -421,7 +445,7 @@ def get_config(rows: int, n: int, dtype, device_kind: str | None = None,
   if not residual:
     layout = _narrow_tail(_warp_rows(n, itemsize)
                           or _forward_persistent(layout, n, itemsize), n,
-                          itemsize)
+                          itemsize, kernel="forward")
   return dataclasses.replace(layout, cache_hints=_FORWARD_CACHE_HINTS)
 
 
@@ -480,8 +504,8 @@ def _forward_persistent(layout: Config, n: int, itemsize: int) -> Config:
 
 
 def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
-                     *, residual: bool = False, static: bool = False
-                     ) -> Config:
+                     *, residual: bool = False, static: bool = False,
+                     per_channel: bool = False) -> Config:
   """Picks the quantized kernel's launch configuration; pure, and like
   get_config a function of n and dtype alone (a row's arithmetic, and so
   its scale, does not depend on the batch). Its table is its own: with
@@ -495,8 +519,11 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
   program, spread over more warps, but for float32 rows past 8192
   (`_quant_float32_residual`). Rows such as 896 are held a warp a row,
   with a residual only with a static scale (`_warp_rows`). Every row
-  streams with the forward's L2 hints (_QUANT_CACHE_HINTS)."""
+  streams with the forward's L2 hints (_QUANT_CACHE_HINTS). A static scale
+  a column (`per_channel`, which implies `static`) takes the scalar's
+  layout but for a narrow last chunk's launch (_NARROW_TAIL_LAUNCH)."""
   del rows, device_kind
+  static = static or per_channel
   itemsize = np.dtype(dtype).itemsize
   dynamic = not (static or residual)
   if not residual and itemsize == 4 and n <= MAX_ONE_PASS_COLS:
@@ -507,22 +534,30 @@ def get_quant_config(rows: int, n: int, dtype, device_kind: str | None = None,
     config = _quant_layout(n, itemsize, residual=residual, static=static)
   if dynamic and _quant_folds_amax(config, n, itemsize):
     config = dataclasses.replace(config, fold_amax=True)
-  return dataclasses.replace(_narrow_tail(config, n, itemsize),
+  kernel = (None if residual else "channel" if per_channel
+            else "static" if static else "dynamic")
+  return dataclasses.replace(_narrow_tail(config, n, itemsize, kernel=kernel),
                              cache_hints=_QUANT_CACHE_HINTS)
 
 
-def _narrow_tail(config: Config, n: int, itemsize: int) -> Config:
+def _narrow_tail(config: Config, n: int, itemsize: int,
+                 kernel: str | None = None) -> Config:
   """Rows a power of two and a few columns long (under an eighth more)
   that do not start on 16 bytes, held in registers: chunks as wide as
   that power of two and the few columns in one narrow chunk
-  (Config.split_tail), the launch otherwise kept (the comments at
-  _NARROW_TAIL_BELOW); `config` elsewhere."""
+  (Config.split_tail; the comments at _NARROW_TAIL_BELOW), on the launch
+  measured for `kernel` ("forward", "dynamic", "static" or "channel";
+  None: a fused residual) where there is one (_NARROW_TAIL_LAUNCH), else `config`'s;
+  `config` elsewhere."""
   widest = 1 << (n.bit_length() - 1)
   if not (0 < n - widest < widest // _NARROW_TAIL_BELOW
           and (n * itemsize) % 16
           and widest % (32 * config.num_warps) == 0):
     return config
   narrow = dataclasses.replace(config, block_cols=widest, split_tail=True)
+  if widest == _NARROW_TAIL_LAUNCH_WIDEST:
+    narrow = dataclasses.replace(
+        narrow, **_NARROW_TAIL_LAUNCH.get((kernel, itemsize), {}))
   return narrow if narrow.resident(n) else config
 
 

@@ -191,14 +191,15 @@ def forward(x: jax.Array, residual: jax.Array | None,
   if quant_scale is not None and quant_scale.shape not in ((), (1,), (n,)):
     raise ValueError(f"{quant_scale.shape=} must be (), (1,) or ({n},)")
   check_supported(m, n, quant_dtype)
+  static = None
+  if quant_scale is not None:
+    static = "channel" if quant_scale.shape == (n,) else "scalar"
   if config is None:
     config = triton_config.get_quant_config(m, n, x.dtype,
                                             platform.device_kind(),
                                             residual=residual is not None,
-                                            static=quant_scale is not None)
-  static = None
-  if quant_scale is not None:
-    static = "channel" if quant_scale.shape == (n,) else "scalar"
+                                            static=static is not None,
+                                            per_channel=static == "channel")
   logger.debug("rms_norm triton quantized forward: rows=%d n=%d dtype=%s "
                "quant_dtype=%s scale=%s residual=%s %s", m, n, x.dtype,
                quant_dtype, static or "dynamic", residual is not None, config)
