@@ -295,9 +295,10 @@ def test_forward_persistent_grid(config, interpret):
     functools.partial(triton_config.get_quant_config, residual=True),
     functools.partial(triton_config.get_quant_config, static=True),
     functools.partial(triton_config.get_quant_config, residual=True,
-                      static=True)],
+                      static=True),
+    functools.partial(triton_config.get_quant_config, per_channel=True)],
     ids=["forward", "quant", "quant-residual", "quant-static",
-         "quant-static-residual"])
+         "quant-static-residual", "quant-channel"])
 def test_heuristic_is_pure_and_batch_independent(heuristic):
   for n in (1, 7, 896, 1000, 3072, 4096, 4099, 5120, 14336, 16385, 65536):
     for dtype in DTYPES:
