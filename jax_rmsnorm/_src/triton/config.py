@@ -234,7 +234,8 @@ _NARROW_TAIL_BELOW = 8
 # `benchmark_rmsnorm --ops quant-channel --shapes 4096x4099`): float32 36.6
 # -> 34.3, taken; bf16 31.4 -> 34.6 on 4 an SM, so it keeps 8. Only rows of
 # 4096 and a few columns were measured; other widths, and rows with a
-# residual, keep their launch.
+# residual, keep their launch. Keyed by itemsize: float16 rows take bf16's
+# launch, untimed.
 _NARROW_TAIL_LAUNCH_WIDEST = 4096
 _NARROW_TAIL_LAUNCH = {
     ("forward", 2): dict(num_warps=16, programs_per_sm=2),
@@ -547,8 +548,8 @@ def _narrow_tail(config: Config, n: int, itemsize: int,
   that power of two and the few columns in one narrow chunk
   (Config.split_tail; the comments at _NARROW_TAIL_BELOW), on the launch
   measured for `kernel` ("forward", "dynamic", "static" or "channel";
-  None: a fused residual) where there is one (_NARROW_TAIL_LAUNCH), else `config`'s;
-  `config` elsewhere."""
+  None: a fused residual) where there is one (_NARROW_TAIL_LAUNCH), else
+  `config`'s; `config` elsewhere."""
   widest = 1 << (n.bit_length() - 1)
   if not (0 < n - widest < widest // _NARROW_TAIL_BELOW
           and (n * itemsize) % 16
