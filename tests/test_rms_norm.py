@@ -181,8 +181,9 @@ def test_narrow_tail_where_measured():
 def test_narrow_tail_launch_where_measured(monkeypatch):
   """With a narrow chunk, rows of 4096 and a few columns take the launch
   measured there (triton/config.py, _NARROW_TAIL_LAUNCH) without a
-  residual (a scale a column: its own); with one, and at other widths (2051, 8195), the launch the
-  heuristic gives without that table is kept."""
+  residual (a scale a column: its own); with one, and at other widths
+  (2051, 8195), the launch the heuristic gives without that table is
+  kept."""
   launch = lambda c: (c.block_cols, c.num_warps, c.programs_per_sm)
   quant = triton_config.get_quant_config
   heuristics = {
