@@ -78,9 +78,9 @@ def markdown(json_path: str) -> str:
 def summary_row(data: dict, impl: str | None = None) -> dict:
   """What `impl` (default: the record's first implementation) gives in one
   record: the geometric mean of XLA's time over its own on every row; over
-  the rows of shapes.LARGE_ELEMENTS or more, that mean, the least and greatest of
-  the ratio and of its % of the copy ceiling (for the quantized ops, of the
-  byte floor), each with its row; its worst row against XLA."""
+  the rows of shapes.LARGE_ELEMENTS or more, that mean, the least and
+  greatest of the ratio and of its % of the copy ceiling (for the quantized
+  ops, of the byte floor), each with its row; its worst row against XLA."""
   rows = data["rows"]
   impl = impl or bench.implementations_of(rows)[0]
   ran = [r for r in rows if r.get(impl + "_us") is not None]
@@ -122,7 +122,8 @@ def summary(json_paths) -> str:
         f"{hi:.2f}x ({hi_at}) | {plo:.1f} ({plo_at}) | {phi:.1f} ({phi_at}) "
         f"| {s['slowest'][0]:.3f} ({s['slowest'][1]}) |")
   lines.append("")
-  lines.append(f"{'; '.join(sorted(card))}; large: {shapes.LARGE_ELEMENTS // 2**20}"
+  lines.append(f"{'; '.join(sorted(card))}; large: "
+               f"{shapes.LARGE_ELEMENTS // 2**20}"
                "Mi elements or more; worst: the row where ours is slowest "
                "against XLA (under 1: faster there too).")
   return "\n".join(lines)
