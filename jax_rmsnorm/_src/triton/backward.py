@@ -127,7 +127,7 @@ def _backward_kernel(*refs, n: int, m: int, offset: float, has_dh: bool,
     prod = gs[0] * xhats[0]
     for g, xhat in zip(gs[1:], xhats[1:]):
       prod = prod + g * xhat
-    mean_gx = jnp.sum(prod, axis=1, keepdims=True) / jnp.float32(n)
+    mean_gx = common.row_sum(prod, interpret) / jnp.float32(n)
     for k in range(num_chunks):
       dx = rstd * (gs[k] - xhats[k] * mean_gx)
       if dh_ref is not None:

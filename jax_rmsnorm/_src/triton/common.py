@@ -26,6 +26,26 @@ def round_trip(value: jax.Array, dtype, interpret: bool) -> jax.Array:
   return value.astype(dtype).astype(jnp.float32)
 
 
+def row_sum(value: jax.Array, interpret: bool) -> jax.Array:
+  """The sums of a (rows, cols) block's rows, (rows, 1), inside a kernel.
+
+  Triton reduces in its own fixed order. Interpret mode runs the kernel
+  through XLA, whose CPU reduce picks an order per program and per vector
+  width: on an AVX-512 host two grids of one forward gave 13 of 797 rstd
+  one ulp apart. There the columns are added as a fixed pairwise tree
+  (cols is a power of two, as Triton's blocks are), the same on every grid
+  and every host.
+  """
+  if not interpret:
+    return jnp.sum(value, axis=1, keepdims=True)
+  cols = value.shape[1]
+  assert cols & (cols - 1) == 0, value.shape
+  while cols > 1:
+    cols //= 2
+    value = value[:, :cols] + value[:, cols:]
+  return value
+
+
 def ds(start, size: int) -> pl.Slice:
   """`pl.ds` with an int32 start: in x64 mode a Python int start would be
   int64 beside the int32 program ids, which Pallas cannot mix."""
@@ -194,7 +214,7 @@ class RowBlock:
     return load_row
 
   def sum_squares(self, load_row, num_chunks: int, resident: bool,
-                  max_of=None):
+                  max_of=None, *, interpret: bool):
     """(the chunks held in registers, or None; the rows' sums of squares,
     (rows, 1); with `max_of`, the rows' max of max_of(k, x) over their
     chunks, (rows, 1), else None). The chunks of block_cols are summed
@@ -210,7 +230,7 @@ class RowBlock:
 
     def reduced(acc):
       sq, mx = acc
-      return (jnp.sum(sq, axis=1, keepdims=True),
+      return (row_sum(sq, interpret),
               None if mx is None else jnp.max(mx, axis=1, keepdims=True))
 
     if num_chunks == 1 or resident:

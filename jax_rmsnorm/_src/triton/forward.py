@@ -60,7 +60,8 @@ def _forward_kernel(*refs, n: int, m: int, eps: float, offset: float,
                            interpret=interpret)
       block.store(y_ref, k, y, block.masks(k)[0])
 
-    xs, sq, _ = block.sum_squares(load_row, num_chunks, config.resident(n))
+    xs, sq, _ = block.sum_squares(load_row, num_chunks, config.resident(n),
+                                  interpret=interpret)
     rstd = jax.lax.rsqrt(sq / jnp.float32(n) + jnp.float32(eps))
     if rstd_ref is not None:  # The same arithmetic, as a vector of rows.
       block.store_rows(rstd_ref, jax.lax.rsqrt(

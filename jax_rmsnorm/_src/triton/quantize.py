@@ -124,7 +124,7 @@ def _quantize_kernel(*refs, n: int, m: int, eps: float, offset: float,
                  and round_to is None)
     xs, sq, max_scaled = block.sum_squares(
         load_row, num_chunks, resident,
-        max_of=scaled_abs if fold_amax else None)
+        max_of=scaled_abs if fold_amax else None, interpret=interpret)
     rstd = jax.lax.rsqrt(sq / jnp.float32(n) + jnp.float32(eps))
     if xs is not None:
       ys = [normalized(k, x) for k, x in enumerate(xs)]
