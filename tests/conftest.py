@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform as platform_module
 
 # tests/multidevice runs in a process of its own (test_sharding.py starts
 # it) with 8 CPU devices, set before JAX starts.
@@ -16,6 +17,21 @@ if os.environ.get("JAX_RMSNORM_MULTIDEVICE"):
 # of its memory up front.
 if os.environ.get("PYTEST_XDIST_WORKER"):
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# Interpreted kernels run through XLA's CPU compiler, which always lets a
+# multiply fuse into the add after it (an FMA: one rounding instead of two)
+# and decides so per fusion. A persistent grid and one block a program, or
+# a row alone and in a batch, are different XLA programs, which could then
+# differ by an ulp (seen: the persistent-grid tests' rstd and row scales,
+# one row in hundreds, with XLA's -O0 in CI). Capping XLA's CPU ISA at AVX,
+# which has no FMA, keeps every product rounded on x86, so that the
+# bit-for-bit comparisons between interpreted programs test the kernels'
+# indexing and arithmetic, not XLA's contraction choices. Compiled kernels
+# are not touched: it is XLA's CPU flag only.
+if (platform_module.machine() in ("x86_64", "AMD64")
+    and "xla_cpu_max_isa" not in os.environ.get("XLA_FLAGS", "")):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_cpu_max_isa=AVX")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
